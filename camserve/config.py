@@ -1,0 +1,229 @@
+"""Typed configuration: request limits, server settings and runtime threads in one place.
+
+Every setting has a safe default (loopback only, token auth on, bounded inputs). Values are
+layered, later wins::
+
+    defaults  <  file (YAML/JSON, ``CAMSERVE_CONFIG``)  <  environment  <  explicit overrides
+
+Environment variables are named ``CAMSERVE_<SECTION>_<FIELD>`` in upper case, e.g.
+``CAMSERVE_LIMITS_MAX_PIXELS=40000000`` or ``CAMSERVE_SERVER_INFERENCE_PORT=8080``. The
+same file and variables reach the TorchServe worker (``camserve serve`` passes them on), so
+the CLI, the server config and the handler enforce the same limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import CamserveError
+
+ENV_PREFIX = "CAMSERVE_"
+CONFIG_ENV = "CAMSERVE_CONFIG"
+
+
+class ConfigError(CamserveError):
+    """A configuration value that is missing, of the wrong type or out of range."""
+
+    kind = "config_error"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds enforced before work is done on a request (issue 7: limits and safe defaults).
+
+    ``max_pixels`` is checked against the header's width x height before any pixel is
+    decoded, so a small file that declares a huge image (a decompression bomb) costs nothing.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_images_per_request: int = 16
+    max_batch_size: int = 64
+    max_targets: int = 10
+    max_methods: int = 4
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _positive(f"limits.{f.name}", getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``camserve serve`` starts TorchServe. Port 0 means "pick a free port"."""
+
+    host: str = "127.0.0.1"
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    token_auth: bool = True
+    model_api: bool = False
+    batch_size: int = 8
+    max_batch_delay_ms: int = 10
+    workers: int = 1
+    response_timeout_s: int = 120
+    startup_timeout_s: float = 180.0
+    run_dir: str = "serve_run"
+    model_store: str = "model_store"
+    models: str = "all"
+    java_heap: str = "256m"
+
+    def __post_init__(self) -> None:
+        for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"server.{name} must be a port number 0..65535, got {port!r}")
+        for name in ("batch_size", "workers", "response_timeout_s"):
+            _positive(f"server.{name}", getattr(self, name))
+        if self.max_batch_delay_ms < 0:
+            raise ConfigError(f"server.max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if not self.host:
+            raise ConfigError("server.host must not be empty")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """ONNX Runtime settings inside a worker. ``ort_threads`` 0 = cores / workers."""
+
+    ort_threads: int = 0
+    providers: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.ort_threads < 0:
+            raise ConfigError(f"runtime.ort_threads must be >= 0, got {self.ort_threads}")
+        if self.providers not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"runtime.providers must be auto, cpu or cuda, got {self.providers!r}")
+
+    def threads_for(self, workers: int = 1) -> int:
+        """Intra-op threads for one worker: explicit, else the cores shared between workers."""
+        if self.ort_threads:
+            return self.ort_threads
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; see the module docstring for how it is layered."""
+
+    limits: Limits = field(default_factory=Limits)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))} for s in _SECTIONS}
+
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Config:
+        """A copy with ``{section: {field: value}}`` applied (values converted and checked)."""
+        sections = {}
+        for name in _SECTIONS:
+            current = getattr(self, name)
+            values = dict(overrides.get(name, {}))
+            known = {f.name: f for f in fields(current)}
+            for key in values:
+                if key not in known:
+                    raise ConfigError(f"unknown setting {name}.{key} (known: {', '.join(sorted(known))})")
+            hints = typing.get_type_hints(type(current))
+            converted = {k: _convert(f"{name}.{k}", v, hints[k]) for k, v in values.items() if v is not None}
+            sections[name] = replace(current, **converted) if converted else current
+        for extra in set(overrides) - set(_SECTIONS):
+            raise ConfigError(f"unknown configuration section {extra!r} (known: {', '.join(_SECTIONS)})")
+        return Config(**sections)
+
+
+_SECTIONS = ("limits", "server", "runtime")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    """Convert a string (env, CLI) or a parsed file value to the field's type."""
+    if isinstance(hint, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(str(value).strip().replace("_", "")) if isinstance(value, str) else int(value)
+        if hint is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
+
+
+def read_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read ``{section: {field: value}}`` from a YAML or JSON file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # yaml and json raise different types
+        raise ConfigError(f"configuration file {path} is not valid: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"configuration file {path} must map sections (limits, server, runtime) to settings")
+    return data
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect ``CAMSERVE_<SECTION>_<FIELD>`` variables into ``{section: {field: text}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for section in _SECTIONS:
+        prefix = f"{ENV_PREFIX}{section.upper()}_"
+        for key, value in env.items():
+            if key.startswith(prefix):
+                out.setdefault(section, {})[key[len(prefix) :].lower()] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Defaults, then ``path`` (or ``$CAMSERVE_CONFIG``), then the environment, then ``overrides``."""
+    env = os.environ if env is None else env
+    config = Config()
+    path = path or env.get(CONFIG_ENV) or None
+    if path:
+        config = config.with_overrides(read_file(path))
+    config = config.with_overrides(from_env(env))
+    if overrides:
+        config = config.with_overrides(overrides)
+    return config
+
+
+def to_env(config: Config) -> dict[str, str]:
+    """The environment variables that reproduce ``config`` (handed to the worker)."""
+    env = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            env[f"{ENV_PREFIX}{section.upper()}_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env

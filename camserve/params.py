@@ -1,0 +1,218 @@
+"""Request parameters: what to explain and how to answer, parsed and checked before any work.
+
+Parameters come from the query string (``?methods=gradcam,layercam&target=topk&topk=3``)
+or from a JSON form field named ``params`` (``{"methods": ["gradcam"], "target": [3, 7]}``);
+both may be used together when they do not contradict each other.
+
+=============  =====================================  =======================================
+name           values                                 default
+=============  =====================================  =======================================
+methods        comma list or JSON list of CAM names   ``gradcam``
+target         ``top1``, ``topk`` or class indices     ``top1``
+topk           integer >= 1 (used by ``target=topk``)  3
+output         ``png``, ``overlay``, ``array``,        ``png`` when explaining, else ``none``
+               ``summary`` or ``none`` (comma list)
+aug_smooth     boolean (true/false/1/0/yes/no)        false
+eigen_smooth   boolean                                false
+explain        boolean: explanations on               true on ``/explanations``, else false
+=============  =====================================  =======================================
+
+On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
+``target``, ``topk``, ``aug_smooth``, ``eigen_smooth`` or an ``output`` other than ``none``
+is given. Every malformed value raises :class:`~camserve.errors.InputError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import InputError
+
+PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain")
+JSON_FIELDS = ("params", "parameters")
+OUTPUTS = ("png", "overlay", "array", "summary", "none")
+DEFAULT_TOPK = 3
+
+
+class UnknownParameter(InputError):
+    kind = "unknown_parameter"
+
+
+class BadParameter(InputError):
+    kind = "bad_parameter"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to explain per image: the top-k predicted classes, or fixed class indices."""
+
+    topk: int | None = None
+    classes: tuple[int, ...] = ()
+
+    def describe(self) -> str | list[int]:
+        return f"top{self.topk}" if self.topk is not None else list(self.classes)
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """One request's validated parameters."""
+
+    explain: bool = False
+    methods: tuple[str, ...] = ("gradcam",)
+    target: Target = Target(topk=1)
+    output: tuple[str, ...] = ("none",)
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+
+    @property
+    def n_targets(self) -> int:
+        return self.target.topk if self.target.topk is not None else len(self.target.classes)
+
+
+def as_text(name: str, value: Any) -> str:
+    """A parameter value as text (TorchServe hands query values over as bytes)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BadParameter(f"parameter {name!r} is not UTF-8 text") from None
+    if isinstance(value, (list, tuple)):
+        return ",".join(as_text(name, v) for v in value)
+    return str(value).strip()
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = as_text(name, value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BadParameter(f"parameter {name}={text!r} is not a boolean (use true or false)")
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise BadParameter(f"parameter {name}={value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    text = as_text(name, value)
+    try:
+        return int(text)
+    except ValueError:
+        raise BadParameter(f"parameter {name}={text!r} is not an integer") from None
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        items = [as_text(name, v).lower() for v in value]
+    else:
+        items = [v.strip().lower() for v in as_text(name, value).split(",")]
+    if not items or any(not v for v in items):
+        raise BadParameter(f"parameter {name}={as_text(name, value)!r} has an empty entry")
+    return tuple(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def _target(value: Any, topk: int, num_classes: int) -> Target:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        text = as_text("target", value).lower()
+        if text == "top1":
+            return Target(topk=1)
+        if text == "topk":
+            return Target(topk=topk)
+        if text.startswith("top") and text[3:].isdigit():
+            return Target(topk=int(text[3:]))
+        value = [v.strip() for v in text.split(",")]
+    classes = []
+    for item in value:
+        try:
+            index = _int("target", item)
+        except BadParameter:
+            raise BadParameter(
+                f"parameter target={as_text('target', value)!r}: {item!r} is not top1, topk or a class index"
+            ) from None
+        if not 0 <= index < num_classes:
+            raise BadParameter(f"parameter target: class index {index} is out of range (model has {num_classes} classes, 0..{num_classes - 1})")
+        classes.append(index)
+    if not classes:
+        raise BadParameter("parameter target is empty")
+    return Target(classes=tuple(dict.fromkeys(classes)))
+
+
+def merge_sources(query: Mapping[str, Any], json_field: Any | None) -> dict[str, Any]:
+    """Combine query-string values with the JSON form field; a contradiction is an error."""
+    merged: dict[str, Any] = dict(query)
+    if json_field is None:
+        return merged
+    if isinstance(json_field, (bytes, bytearray, str)):
+        try:
+            json_field = json.loads(json_field)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadParameter(f"the params field is not valid JSON: {exc}") from None
+    if not isinstance(json_field, dict):
+        raise BadParameter(f"the params field must be a JSON object, got {type(json_field).__name__}")
+    for key, value in json_field.items():
+        if key not in PARAM_NAMES:
+            raise UnknownParameter(f"unknown parameter {key!r} in the params field (known: {', '.join(PARAM_NAMES)})")
+        if key in merged and as_text(key, merged[key]).lower() != as_text(key, value).lower():
+            raise BadParameter(f"parameter {key!r} is given twice with different values: {as_text(key, merged[key])!r} and {as_text(key, value)!r}")
+        merged[key] = value
+    return merged
+
+
+def parse_params(
+    raw: Mapping[str, Any],
+    *,
+    num_classes: int,
+    known_methods: Iterable[str],
+    explain_default: bool = False,
+    max_targets: int = 10,
+    max_methods: int = 4,
+) -> RequestParams:
+    """Validate raw parameter values (see the module docstring) into :class:`RequestParams`."""
+    for key in raw:
+        if key not in PARAM_NAMES:
+            raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
+    known = tuple(known_methods)
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth"))
+    output = _names("output", raw["output"]) if "output" in raw else None
+    for form in output or ():
+        if form not in OUTPUTS:
+            raise BadParameter(f"parameter output={form!r} is not one of {', '.join(OUTPUTS)}")
+    if output and "none" in output and len(output) > 1:
+        raise BadParameter(f"parameter output={','.join(output)!r}: 'none' cannot be combined with other forms")
+    explain = _bool("explain", raw["explain"]) if "explain" in raw else (explain_default or asks or (output not in (None, ("none",))))
+    if not explain:
+        if output not in (None, ("none",)) or asks:
+            raise BadParameter("parameter explain=false contradicts the explanation parameters given")
+        return RequestParams(explain=False)
+    methods = _names("methods", raw["methods"]) if "methods" in raw else ("gradcam",)
+    for method in methods:
+        if method not in known:
+            raise BadParameter(f"unknown method {method!r} (known: {', '.join(known)})")
+    if len(methods) > max_methods:
+        raise BadParameter(f"parameter methods asks for {len(methods)} methods, more than the limit of {max_methods}")
+    topk = _int("topk", raw["topk"]) if "topk" in raw else min(DEFAULT_TOPK, num_classes)
+    if not 1 <= topk <= num_classes:
+        raise BadParameter(f"parameter topk={topk} is out of range (1..{num_classes})")
+    target = _target(raw["target"], topk, num_classes) if "target" in raw else (Target(topk=topk) if "topk" in raw else Target(topk=1))
+    if target.topk is not None and not 1 <= target.topk <= num_classes:
+        raise BadParameter(f"parameter target=top{target.topk} is out of range (1..{num_classes})")
+    params = RequestParams(
+        explain=True,
+        methods=methods,
+        target=target,
+        output=output or ("png",),
+        aug_smooth=_bool("aug_smooth", raw["aug_smooth"]) if "aug_smooth" in raw else False,
+        eigen_smooth=_bool("eigen_smooth", raw["eigen_smooth"]) if "eigen_smooth" in raw else False,
+    )
+    if params.n_targets > max_targets:
+        raise BadParameter(f"the request asks for {params.n_targets} targets, more than the limit of {max_targets}")
+    if output == ("none",):
+        return RequestParams(explain=False)
+    return params
