@@ -1,0 +1,194 @@
+"""``explain``: CAMs for a batch of images, targets and methods, in as few graph runs as possible.
+
+Graph runs per call (``R`` = total (image, target) rows, x6 with ``aug_smooth``):
+
+* one run over the ``R`` rows serves every gradient method (one-hot cotangents for explicit
+  classes, ``target_rank`` for TopK; a graph without that input costs one extra forward);
+* activation-only methods reuse it, or take a single forward run over the images;
+* FinerCAM adds one run with its own cotangent; ScoreCAM and AblationCAM add their batched
+  masked-input / head-graph runs (see :mod:`camserve.cam.runs`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..runtime import GraphOutputs
+from .augment import AUGMENTATIONS, augment, deaugment_mean
+from .layouts import to_nchw
+from .registry import MethodSpec, get_method
+from .runs import ablation_weights, scorecam_weights
+from .scaling import combine_layers
+from .targets import Rows, Target, expand_targets, finer_cotangent
+from .methods import gradcam
+
+
+@dataclass
+class Explanation:
+    """The answer for one batch.
+
+    ``logits`` [N, K] float32 of the (unaugmented) images; ``classes[i]`` the resolved target
+    classes of image ``i``; ``cams[method][i]`` float32 ``[T_i, H, W]`` in [0, 1], one map per
+    target in ``classes[i]`` order; ``timings`` seconds spent in graph runs (``inference``)
+    and in CAM post-processing (``cam``, plus ``cam.<method>`` per method).
+    """
+
+    logits: np.ndarray
+    classes: list[list[int]]
+    cams: dict[str, list[np.ndarray]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
+    if isinstance(methods, str) or not isinstance(methods, Sequence) or len(methods) == 0:
+        raise InputError(f"methods must be a non-empty list of method names, got {methods!r}")
+    specs: list[MethodSpec] = []
+    for name in methods:
+        spec = get_method(name)
+        if spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def has_target_rank(session: Any) -> bool:
+    """Whether the session's graph takes the ``target_rank`` input (TopK in one run)."""
+    flag = getattr(session, "has_target_rank", None)
+    if flag is not None:
+        return bool(flag)
+    inner = getattr(session, "session", None)
+    return inner is not None and any(i.name == "target_rank" for i in inner.get_inputs())
+
+
+class _Runs:
+    """Graph calls of one explanation, timed (``seconds``); also the ScoreCAM/AblationCAM runner."""
+
+    def __init__(self, session: Any, images: np.ndarray) -> None:
+        self.session, self.images, self.seconds = session, images, 0.0
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.call(self.session.logits, images)
+
+    def head_logits(self, activations: np.ndarray) -> np.ndarray:
+        return self.call(self.session.head_logits, activations)
+
+    def forward(self) -> GraphOutputs:
+        return self.call(self.session.run, self.images)
+
+    def targets(self, rows: Rows, num_classes: int) -> GraphOutputs:
+        """One run with a gradient per row (a forward first only if the graph can't rank)."""
+        batch = self.images[rows.image]
+        if not (rows.rank >= 0).any():
+            return self.call(self.session.run, batch, rows.one_hot(num_classes))
+        if has_target_rank(self.session):
+            return self.call(self.session.run, batch, rows.one_hot(num_classes), target_rank=rows.rank)
+        logits = self.forward().logits[rows.image]
+        cotangent = np.zeros((len(rows), num_classes), dtype=np.float32)
+        cotangent[np.arange(len(rows)), rows.resolve(logits)] = 1.0
+        return self.call(self.session.run, batch, cotangent)
+
+
+def explain(
+    session: Any,
+    images: np.ndarray,
+    targets: Sequence[Target],
+    methods: Sequence[str],
+    *,
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+) -> Explanation:
+    """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
+
+    ``session`` is a :class:`camserve.runtime.GraphSession` (or anything with its ``manifest``,
+    ``run``, ``logits``, ``head_logits`` and ``check_images``). ``targets[i]`` is a list of
+    class indices or :class:`TopK`. Raises InputError naming a bad method, target or shape.
+    """
+    start = time.perf_counter()
+    specs = _parse_methods(methods)
+    images = session.check_images(images)
+    manifest = session.manifest
+    layers = manifest.target_layers
+    size = (images.shape[2], images.shape[3])
+    n, k = images.shape[0], manifest.num_outputs
+    rows = expand_targets(targets, n, k)
+    if any(s.source == "ablation" for s in specs) and len(layers) != 1:
+        raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
+    copies = len(AUGMENTATIONS) if aug_smooth else 1
+    runs = _Runs(session, augment(images) if aug_smooth else images)
+    all_rows = rows.repeat(copies)
+    u = n * copies
+
+    if any(s.source == "gradients" for s in specs):
+        out = runs.targets(all_rows, k)
+        first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
+        logits_u = out.logits[first]
+        acts_u = [a[first] for a in out.activations]
+    else:
+        out = runs.forward()
+        logits_u, acts_u = out.logits, out.activations
+    row_logits = logits_u[all_rows.image]
+    row_class = all_rows.resolve(row_logits)
+
+    cams: dict[str, list[np.ndarray]] = {}
+    timings: dict[str, float] = {}
+    splits = np.cumsum(rows.counts)[:-1]
+    for spec in specs:
+        method_start, inference_before = time.perf_counter(), runs.seconds
+        raw = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k)
+        result = combine_layers(raw, size)
+        if spec.source == "activations":
+            result = result[all_rows.image]
+        if aug_smooth:
+            result = deaugment_mean(result)
+        cams[spec.name] = np.split(result, splits)
+        timings[f"cam.{spec.name}"] = time.perf_counter() - method_start - (runs.seconds - inference_before)
+    classes = [c.tolist() for c in np.split(row_class[: len(rows)], splits)]
+    timings["inference"] = runs.seconds
+    timings["cam"] = time.perf_counter() - start - runs.seconds
+    return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings)
+
+
+def _raw_cams(
+    spec: MethodSpec,
+    runs: _Runs,
+    out: GraphOutputs,
+    acts_u: list[np.ndarray],
+    logits_u: np.ndarray,
+    rows: Rows,
+    row_class: np.ndarray,
+    row_logits: np.ndarray,
+    layers: Sequence[Any],
+    eigen_smooth: bool,
+    num_classes: int,
+) -> list[np.ndarray]:
+    """Raw per-layer maps of one method: ``[R, h, w]`` per layer (``[U, h, w]`` for activation-only)."""
+    smooth = eigen_smooth and spec.eigen_smooth
+    if spec.source == "gradients":
+        return [spec.function(to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(out.activations, out.gradients, layers)]
+    if spec.source == "activations":
+        return [spec.function(to_nchw(a, l), None, smooth) for a, l in zip(acts_u, layers)]
+    if spec.source == "finer":
+        cotangent = finer_cotangent(row_logits, row_class)
+        finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
+        return [gradcam(to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
+    if spec.source == "score":
+        raw = []
+        for a, l in zip(acts_u, layers):
+            maps = to_nchw(a, l)
+            weights = scorecam_weights(runs, runs.images, maps, rows.image, row_class)
+            raw.append(spec.function(weights, maps[rows.image], smooth))
+        return raw
+    layer = layers[0]
+    weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class)
+    return [spec.function(weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]

@@ -1,0 +1,50 @@
+"""Projections of a batch of feature maps onto one principal direction (eigen smoothing).
+
+For each sample, ``X`` is the ``[h*w, C]`` matrix of per-position feature vectors,
+centred per channel (column means removed); NaNs are read as 0.
+
+* :func:`first_component` (EigenCAM, ``eigen_smooth``): ``X v_1`` where ``v_1`` is the first
+  right singular vector of ``X`` -> ``[N, h, w]``. The SVD's sign is LAPACK's, as in
+  pytorch-grad-cam (which also takes numpy's float32 SVD), so maps agree including sign.
+* :func:`kernel_first_component` (KPCA-CAM): kernel PCA with the sigmoid kernel
+  ``K = tanh(X X^T / C + 1)``, double-centred; the map is ``sqrt(lambda_1) u_1`` with the
+  sign chosen so that the entry of largest magnitude of ``u_1`` is positive (scikit-learn's
+  ``KernelPCA(n_components=1, kernel="sigmoid")`` convention).
+
+Both are batched: one ``np.linalg.svd`` / ``np.linalg.eigh`` call on stacked matrices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _centred_positions(maps: np.ndarray) -> np.ndarray:
+    """``[N, C, h, w]`` -> ``[N, h*w, C]`` float32 with per-channel means removed, NaN -> 0."""
+    n, c, h, w = maps.shape
+    x = np.nan_to_num(maps.reshape(n, c, h * w).astype(np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)
+    x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    x -= x.mean(axis=1, keepdims=True)
+    return x
+
+
+def first_component(maps: np.ndarray) -> np.ndarray:
+    """Projection of each sample's centred features on its first principal axis: ``[N, h, w]``."""
+    n, _, h, w = maps.shape
+    x = _centred_positions(maps)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return (u[:, :, 0] * s[:, :1]).reshape(n, h, w).astype(np.float32)
+
+
+def kernel_first_component(maps: np.ndarray) -> np.ndarray:
+    """First sigmoid-kernel principal component of each sample's positions: ``[N, h, w]``."""
+    n, c, h, w = maps.shape
+    x = _centred_positions(maps).astype(np.float64)
+    k = np.tanh(np.matmul(x, x.transpose(0, 2, 1)) / c + 1.0)
+    k = k - k.mean(axis=1, keepdims=True) - k.mean(axis=2, keepdims=True) + k.mean(axis=(1, 2), keepdims=True)
+    values, vectors = np.linalg.eigh(k)
+    lam = np.maximum(values[:, -1], 0.0)
+    top = vectors[:, :, -1]
+    pivot = np.take_along_axis(top, np.abs(top).argmax(axis=1)[:, None], axis=1)
+    top = top * np.sign(pivot)
+    return (top * np.sqrt(lam)[:, None]).reshape(n, h, w).astype(np.float32)

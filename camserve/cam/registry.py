@@ -1,0 +1,85 @@
+"""The one list of CAM methods: name -> how to compute it.
+
+The handler, the CLI and the tests all read this registry, so a method added here is
+served, listed and tested everywhere. Names are lowercase and match pytorch-grad-cam's
+class names (``GradCAMPlusPlus`` -> ``gradcam++``, ``KPCA_CAM`` -> ``kpcacam``).
+
+``source`` says what a method consumes:
+
+* ``"gradients"``  activations and gradients of the one-hot (or top-k) target run;
+* ``"activations"`` activations only (one run per image, whatever the targets);
+* ``"finer"``      gradients of FinerCAM's own cotangent (a second graph run);
+* ``"score"``      ScoreCAM's masked-input runs of the graph;
+* ``"ablation"``   AblationCAM's runs of the head graph on ablated activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+from ..errors import InputError
+from . import methods as m
+
+Source = Literal["gradients", "activations", "finer", "score", "ablation"]
+RawCam = Callable[..., np.ndarray]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method.
+
+    ``function(A, G, eigen_smooth)`` gives raw ``[N, h, w]`` maps from NCHW arrays (FinerCAM:
+    GradCAM of its own gradients); for score and ablation it is
+    ``function(weights [N, C], A, eigen_smooth)`` over the channel weights their runs give. ``eigen_smooth`` tells whether the flag changes the result
+    (the projection methods always project; FEM ignores it, as in pytorch-grad-cam).
+    """
+
+    name: str
+    function: RawCam
+    source: Source
+    eigen_smooth: bool
+    summary: str
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.source in ("gradients", "finer")
+
+    @property
+    def extra_runs(self) -> bool:
+        """Needs graph runs beyond the single explanation run."""
+        return self.source in ("finer", "score", "ablation")
+
+
+_SPECS = (
+    MethodSpec("gradcam", m.gradcam, "gradients", True, "channels weighted by mean gradient"),
+    MethodSpec("hirescam", m.hirescam, "gradients", True, "element-wise gradient x activation"),
+    MethodSpec("gradcamelementwise", m.gradcam_elementwise, "gradients", True, "ReLU of gradient x activation"),
+    MethodSpec("gradcam++", m.gradcam_plus_plus, "gradients", True, "higher-order gradient weights"),
+    MethodSpec("xgradcam", m.xgradcam, "gradients", True, "activation-normalized gradient weights"),
+    MethodSpec("layercam", m.layercam, "gradients", True, "positive gradients as per-position weights"),
+    MethodSpec("eigencam", m.eigencam, "activations", False, "first principal component of activations"),
+    MethodSpec("eigengradcam", m.eigengradcam, "gradients", False, "first principal component of gradient x activation"),
+    MethodSpec("kpcacam", m.kpcacam, "activations", False, "sigmoid-kernel PCA of activations"),
+    MethodSpec("fem", m.fem, "activations", False, "channels weighted by their k-sigma outlier share"),
+    MethodSpec("scorecam", m.weighted_sum, "score", True, "softmax of target scores of activation-masked inputs"),
+    MethodSpec("ablationcam", m.weighted_sum, "ablation", True, "relative score drop when a channel is ablated"),
+    MethodSpec("finercam", m.gradcam, "finer", True, "GradCAM of the target against its most similar classes"),
+)
+
+REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def available_methods() -> list[str]:
+    """All method names, in registry order."""
+    return list(REGISTRY)
+
+
+def get_method(name: object) -> MethodSpec:
+    """The spec for ``name`` (case-insensitive); InputError naming it and the valid ones if unknown."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key not in REGISTRY:
+        raise InputError(f"unknown CAM method {name!r}; valid methods: {', '.join(REGISTRY)}")
+    return REGISTRY[key]
