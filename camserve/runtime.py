@@ -1,0 +1,147 @@
+"""ONNX Runtime sessions over an exported graph: the only model math on the request path.
+
+``GraphSession`` loads ``model.onnx`` + ``manifest.json`` and answers one call per batch
+with logits, activations and gradients. Provider choice is deliberate: CUDA only when a
+GPU is really there (so CPU hosts print no provider errors), else CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# ONNX Runtime phones home unless told not to; only loopback traffic is allowed here.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import onnxruntime as ort  # noqa: E402
+
+from .errors import InputError, ManifestError  # noqa: E402
+from .manifest import Manifest, sha256_file  # noqa: E402
+
+
+def cuda_available() -> bool:
+    """True when ONNX Runtime has a CUDA provider *and* a GPU is visible."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def default_providers() -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
+
+
+def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Session options set on purpose: fixed threads (no oversubscription with several
+    workers), full graph optimization, sequential execution, quiet logs."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = intra_op_threads or int(os.environ.get("CAMSERVE_THREADS", "0")) or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+@dataclass(frozen=True)
+class GraphOutputs:
+    """One batch's answer: logits [N, K] and, per target layer, activations and gradients."""
+
+    logits: np.ndarray
+    activations: list[np.ndarray]
+    gradients: list[np.ndarray]
+
+
+class GraphSession:
+    """An ONNX Runtime session over an export directory (graph + manifest)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        verify_hash: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(self.directory)
+        graph = self.directory / self.manifest.graph_file
+        if not graph.is_file():
+            raise ManifestError(f"graph file {graph} named by the manifest does not exist")
+        if verify_hash and self.manifest.graph_sha256 and sha256_file(graph) != self.manifest.graph_sha256:
+            raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
+        self.providers = providers or default_providers()
+        self.options = session_options(intra_op_threads)
+        self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
+        self._layer_count = len(self.manifest.target_layers)
+        self._head: ort.InferenceSession | None = None
+
+    @property
+    def head(self) -> ort.InferenceSession:
+        """The optional activations -> logits graph (loaded on first use)."""
+        if self._head is None:
+            name = self.manifest.head_graph_file
+            if not name:
+                raise ManifestError("this export has no head graph (re-export with head=True for AblationCAM)")
+            self._head = ort.InferenceSession(str(self.directory / name), sess_options=self.options, providers=self.providers)
+        return self._head
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        h, w = self.manifest.input_size
+        if images.ndim != 4 or images.shape[1:] != (3, h, w):
+            raise InputError(f"images must have shape [N, 3, {h}, {w}], got {list(images.shape)}")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def run(
+        self,
+        images: np.ndarray,
+        cotangent: np.ndarray | None = None,
+        target_rank: np.ndarray | None = None,
+    ) -> GraphOutputs:
+        """Run the graph once for a batch.
+
+        ``cotangent`` [N, K] weights the logits whose gradient is taken (``None``: zeros).
+        ``target_rank`` [N] int64: where ``>= 0`` the row's cotangent is replaced by the
+        one-hot vector of the logit of that rank (0 = top-1), so top-k explanations need
+        no separate forward pass; ``None`` means -1 for every row (cotangent as given).
+        """
+        images = self.check_images(images)
+        n, k = images.shape[0], self.manifest.num_outputs
+        if cotangent is None:
+            cotangent = np.zeros((n, k), dtype=np.float32)
+        if cotangent.shape != (n, k):
+            raise InputError(f"cotangent must have shape [{n}, {k}], got {list(cotangent.shape)}")
+        if target_rank is None:
+            target_rank = np.full(n, -1, dtype=np.int64)
+        target_rank = np.asarray(target_rank, dtype=np.int64)
+        if target_rank.shape != (n,) or target_rank.max(initial=-1) >= k:
+            raise InputError(f"target_rank must be [{n}] ints below {k}, got {target_rank.tolist()}")
+        feeds = {
+            "image": images,
+            "cotangent": np.ascontiguousarray(cotangent, dtype=np.float32),
+            "target_rank": target_rank,
+        }
+        out = self.session.run(None, feeds)
+        m = self._layer_count
+        return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits only (ScoreCAM's masked runs); the zero cotangent makes the backward trivial."""
+        return self.run(images).logits
+
+    def head_logits(self, activations: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Logits from the first target layer's activations, through the head graph.
+
+        ``images`` (same batch) is needed only when ``manifest.head_inputs`` names it: the
+        layer is not a cut of the model (ViT's ``ln_1``), so earlier values matter too.
+        """
+        feeds = {"activations": np.ascontiguousarray(activations, dtype=np.float32)}
+        if "image" in self.manifest.head_inputs:
+            if images is None or images.shape[0] != activations.shape[0]:
+                raise InputError("this head graph needs the images (one per activation row) as well")
+            feeds["image"] = self.check_images(images)
+        return self.head.run(["logits"], feeds)[0]

@@ -1,0 +1,209 @@
+"""``export_model``: a torch model -> ``model.onnx`` (+ ``head.onnx``) + ``manifest.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from camserve.errors import ExportError
+from camserve.manifest import GRAPH_FILE, LayerSpec, Manifest, sha256_file
+
+from . import onnx_export, parity, resolve, trace
+from .layouts import infer_layout
+
+HEAD_FILE = "head.onnx"
+
+
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import onnxscript
+    import torchvision
+
+    import camserve
+
+    return {
+        "camserve": camserve.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _example(batch: int, num_outputs: int, size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1234)
+    return (
+        torch.randn(batch, 3, *size, generator=g),
+        torch.randn(batch, num_outputs, generator=g),
+        torch.tensor([-1, 0][:batch] + [1] * max(0, batch - 2), dtype=torch.int64),
+    )
+
+
+@contextlib.contextmanager
+def _replace_output(layer: nn.Module, value: torch.Tensor) -> Iterator[None]:
+    handle = layer.register_forward_hook(lambda _m, _i, _o: value)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tuple[int, int], out: Path) -> list[str]:
+    """Export (image,) activations -> logits for the first target layer (AblationCAM).
+
+    The activations replace the layer's output. Where the layer is a cut of the model
+    (ResNet ``layer4``), everything before it is dead code and the head takes the
+    activations alone; where the logits also depend on earlier values (ViT's ``ln_1``:
+    the residual bypasses it) the head takes the image too. Returns the input names.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def head(image: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        with _replace_output(layer, activations):
+            return model(image)
+
+    example = (torch.randn(2, 3, *size), torch.randn(2, *spec.shape))
+    # functionalize: in-place ops before the layer (ReLU(inplace=True)) must not keep
+    # dead code alive.
+    with trace.pool_fix(model):
+        gm = make_fx(
+            torch.func.functionalize(head, remove="mutations_and_views"),
+            decomposition_table=trace.decomposition_table(),
+            tracing_mode="symbolic",
+            _allow_non_fake_inputs=True,
+        )(*trace.batch_symbolic(example))
+    gm.graph.eliminate_dead_code()
+    image_node = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    names = ["image", "activations"]
+    args: tuple[torch.Tensor, ...] = example
+    if not image_node.users:
+        gm.graph.erase_node(image_node)
+        names, args = ["activations"], example[1:]
+    gm.recompile()
+    onnx_export.export_graph(gm, args, names, ["logits"], out)
+    with torch.no_grad():
+        parity.check_head(out, head, names, example)
+    return names
+
+
+def export_model(
+    model: nn.Module,
+    target_layers: Sequence[str],
+    out_dir: str | Path,
+    *,
+    input_size: int | tuple[int, int] = 224,
+    labels: Sequence[str] | None = None,
+    labels_file: str | Path | None = None,
+    model_name: str = "model",
+    model_version: str = "1.0",
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    channel_order: str = "RGB",
+    layouts: dict[str, str] | None = None,
+    head: bool = False,
+    check: bool = True,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Manifest:
+    """Export ``model`` so that one ONNX graph answers logits, activations and gradients.
+
+    Writes ``out_dir/model.onnx`` and ``out_dir/manifest.json`` (and ``head.onnx`` with
+    ``head=True`` where the first target layer is a cut of the model). With ``check``
+    the graph is compared with PyTorch autograd first (see ``camserve.export.parity``)
+    and nothing is written when they disagree.
+    """
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ExportError(f"input_size must be a positive int or (H, W), got {input_size!r}")
+    if not target_layers:
+        raise ExportError("at least one target layer is needed")
+    if channel_order not in ("RGB", "BGR"):
+        raise ExportError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    model = model.eval()
+    resolved = [resolve.resolve_layer(model, path) for path in target_layers]
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise ExportError(f"target layers name the same module twice: {list(target_layers)}")
+    modules = [module for _, module in resolved]
+
+    # One eager forward: output size and the activation shapes of the target layers.
+    store: list[torch.Tensor] = []
+    with torch.no_grad(), trace.leaf_hooks(modules, store):
+        num_outputs = resolve.check_output(model(torch.zeros(1, 3, *size)))
+    label_list = resolve.read_labels(labels_file, labels, num_outputs)
+    layers = [
+        infer_layout(name, act.shape[1:], size, (layouts or {}).get(name) or (layouts or {}).get(path))
+        for name, path, act in zip(names, target_layers, store)
+    ]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp_str:
+        tmp = Path(tmp_str)
+        t0 = time.perf_counter()
+        example = _example(2, num_outputs, size)
+        try:
+            gm = trace.trace_joint(model, modules, example)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"tracing forward+backward failed: {onnx_export._first_line_naming_op(exc)}") from exc
+        log(f"traced joint graph ({len(gm.graph.nodes)} nodes) in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        outputs = onnx_export.output_names(len(layers))
+        proto = onnx_export.export_graph(gm, example, ["image", "cotangent", "target_rank"], outputs, tmp / GRAPH_FILE)
+        log(f"exported ONNX graph in {time.perf_counter() - t0:.1f} s")
+
+        figures: dict = {}
+        if check:
+            t0 = time.perf_counter()
+            figures = parity.check_parity(tmp / GRAPH_FILE, trace.joint_function(model, modules), outputs, num_outputs, size)
+            worst = max(s["max_rel_err"] for s in figures["outputs"].values())
+            log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
+            for name, stats in figures["outputs"].items():
+                log(f"  {name:16s} max_rel_err={stats['max_rel_err']:.2e} share_off={stats['share_off']:.2%}")
+
+        head_file, head_inputs = None, None
+        if head:
+            t0 = time.perf_counter()
+            try:
+                head_inputs = _export_head(model, modules[0], layers[0], size, tmp / HEAD_FILE)
+            except ExportError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"head graph export failed: {onnx_export._first_line_naming_op(exc)}") from exc
+            head_file = HEAD_FILE
+            log(f"exported head graph ({', '.join(head_inputs)} -> logits) in {time.perf_counter() - t0:.1f} s")
+
+        manifest = Manifest(
+            model_name=model_name,
+            model_version=str(model_version),
+            input_size=size,
+            labels=tuple(label_list),
+            target_layers=tuple(layers),
+            mean=tuple(float(m) for m in mean),
+            std=tuple(float(s) for s in std),
+            channel_order=channel_order,  # type: ignore[arg-type]
+            graph_sha256=sha256_file(tmp / GRAPH_FILE),
+            opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
+            ir_version=proto.ir_version,
+            packages=_versions(),
+            parity=figures,
+            head_graph_file=head_file,
+            head_inputs=tuple(head_inputs or ()),
+        )
+        for name in [GRAPH_FILE] + ([HEAD_FILE] if head_file else []):
+            shutil.move(str(tmp / name), out_dir / name)
+        if not head_file and (out_dir / HEAD_FILE).exists():
+            (out_dir / HEAD_FILE).unlink()
+        manifest.save(out_dir)
+    log(f"wrote {out_dir / GRAPH_FILE} and {out_dir / 'manifest.json'}")
+    return manifest

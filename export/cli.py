@@ -1,0 +1,73 @@
+"""``camserve export``: the command-line face of :func:`camserve.export.export_model`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input size {text!r} must be N or HxW") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"input size {text!r} must be N or HxW")
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be three comma-separated numbers") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} must be three comma-separated numbers")
+    return values  # type: ignore[return-value]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to an ONNX graph with activations and gradients")
+    p.add_argument("model", help="torchvision:NAME or package.module:factory")
+    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--target-layer", action="append", required=True, dest="target_layers",
+                   help="dotted module path, e.g. layer4.-1 (repeat for several layers)")
+    p.add_argument("--labels", help="labels file, one per line")
+    p.add_argument("--input-size", type=_size, default=224, help="N or HxW (default 224)")
+    p.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406))
+    p.add_argument("--std", type=_floats, default=(0.229, 0.224, 0.225))
+    p.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    p.add_argument("--layout", action="append", default=[], metavar="LAYER=LAYOUT",
+                   help="override the inferred layout of a 4-d layer (NCHW or NHWC)")
+    p.add_argument("--name", help="model name (default: the model's name)")
+    p.add_argument("--version", default="1.0", help="model version (default 1.0)")
+    p.add_argument("--head", action="store_true", help="also export activations->logits (AblationCAM)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from camserve.errors import CamserveError
+    from camserve.export import export_model, load_model, load_weights
+
+    layouts = {}
+    for item in args.layout:
+        layer, sep, layout = item.partition("=")
+        if not sep or layout not in ("NCHW", "NHWC"):
+            raise CamserveError(f"--layout {item!r} must be LAYER=NCHW or LAYER=NHWC")
+        layouts[layer] = layout
+    model = load_model(args.model)
+    if args.weights:
+        load_weights(model, args.weights)
+    name = args.name or args.model.split(":", 1)[1].rsplit(".", 1)[-1]
+    manifest = export_model(
+        model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
+        model_name=name, model_version=args.version, mean=args.mean, std=args.std,
+        channel_order=args.channel_order, layouts=layouts, head=args.head,
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    layers = ", ".join(f"{lay.name} ({lay.layout} {list(lay.shape)})" for lay in manifest.target_layers)
+    print(f"exported {manifest.model_name} {manifest.model_version}: {manifest.num_outputs} classes, layers {layers}")
+    return 0

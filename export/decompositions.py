@@ -1,0 +1,70 @@
+"""Decompositions of backward ops that have no ONNX translation.
+
+Only input gradients are ever needed (parameters are frozen), so each decomposition
+computes the input gradient with forward ops that ONNX has:
+
+- ``convolution_backward``: the input gradient of a convolution is a transposed
+  convolution of the output gradient with the same weight; ``output_padding`` restores
+  the input size that strided convolutions lose.
+- ``_adaptive_avg_pool2d_backward``: each output gradient spread evenly over its pooling
+  window, written as two small constant matrices ``P_h^T @ g @ P_w``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch._decomp import core_aten_decompositions
+
+aten = torch.ops.aten
+
+
+def _conv_input_grad(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask):
+    if output_mask[1] or output_mask[2]:
+        raise NotImplementedError("convolution_backward: only the input gradient is supported (parameters are frozen)")
+    if transposed:
+        # The input gradient of a transposed convolution is a plain convolution.
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
+    else:
+        spatial = input.shape[2:]
+        out_spatial = grad_output.shape[2:]
+        kernel = weight.shape[2:]
+        out_pad = [
+            int(spatial[i]) - ((int(out_spatial[i]) - 1) * stride[i] - 2 * padding[i] + dilation[i] * (int(kernel[i]) - 1) + 1)
+            for i in range(len(spatial))
+        ]
+        grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, True, out_pad, groups)
+    return grad_input if output_mask[0] else None, None, None
+
+
+def _pool_matrix(in_size: int, out_size: int) -> list[list[float]]:
+    """P[o][i] = 1/len(window o) for i in adaptive window o (PyTorch's window rule).
+
+    Built as Python lists so that the traced graph gets one constant, not fill ops.
+    """
+    rows = []
+    for o in range(out_size):
+        start, end = (o * in_size) // out_size, math.ceil((o + 1) * in_size / out_size)
+        rows.append([1.0 / (end - start) if start <= i < end else 0.0 for i in range(in_size)])
+    return rows
+
+
+def _adaptive_avg_pool2d_input_grad(grad_output, self):
+    in_h, in_w = int(self.shape[-2]), int(self.shape[-1])
+    out_h, out_w = int(grad_output.shape[-2]), int(grad_output.shape[-1])
+    if (in_h, in_w) == (out_h, out_w):
+        return grad_output.clone()
+    if out_h == 1 and out_w == 1:
+        return (grad_output / float(in_h * in_w)).expand(self.shape).clone()
+    ph = torch.tensor(_pool_matrix(in_h, out_h), dtype=grad_output.dtype)
+    pw = torch.tensor(_pool_matrix(in_w, out_w), dtype=grad_output.dtype)
+    return torch.matmul(torch.matmul(ph.t(), grad_output), pw)
+
+
+def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
+    table = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _conv_input_grad
+    table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_input_grad
+    return table

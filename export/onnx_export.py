@@ -1,0 +1,138 @@
+"""ONNX export of a traced joint graph, and clean-ups of the exported ONNX model.
+
+Inputs are named ``image``, ``cotangent``, ``target_rank`` with a dynamic batch ``N``;
+outputs ``logits``, ``activations_i``, ``gradients_i``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+
+from camserve.errors import ExportError
+
+OPSET = 20
+
+
+def _copy_translation(self, src, non_blocking: bool = False):
+    # The exporter's aten.copy does not broadcast a 0-d source (Swin's mask building:
+    # ``mask[a:b, c:d] = count``); broadcast it to the destination's shape explicitly.
+    from onnxscript import opset20 as op
+
+    return op.Expand(op.CastLike(src, self), op.Shape(self))
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"activations_{i}", f"gradients_{i}"]
+    return names
+
+
+def export_graph(
+    gm: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: Sequence[str],
+    outputs: Sequence[str],
+    path: Path,
+) -> onnx.ModelProto:
+    """Export ``gm`` (traced or plain module) to ``path`` with a dynamic batch dimension."""
+    batch = torch.export.Dim("N", min=1, max=4096)
+    dynamic = tuple({0: batch} for _ in example)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                gm,
+                example,
+                input_names=list(input_names),
+                output_names=list(outputs),
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                opset_version=OPSET,
+                external_data=False,
+                custom_translation_table={torch.ops.aten.copy.default: _copy_translation},
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+        except Exception as exc:  # the exporter raises many types; name the op at fault
+            raise ExportError(f"ONNX export failed: {_first_line_naming_op(exc)}") from exc
+    model = program.model_proto
+    model = strip_weight_expands(model)
+    onnx.save_model(model, str(path))
+    return model
+
+
+class _quiet_exporter:
+    """Silence the exporter's progress prints and logs (the CLI prints its own)."""
+
+    def __enter__(self):
+        self._level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        self._stdout = io.StringIO()
+        import contextlib
+
+        self._redirect = contextlib.redirect_stdout(self._stdout)
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+        logging.getLogger("torch.onnx").setLevel(self._level)
+        return False
+
+
+def _first_line_naming_op(exc: BaseException) -> str:
+    """The most useful line of an exporter error: the one naming an op, else the first."""
+    seen: list[str] = []
+    e: BaseException | None = exc
+    while e is not None and len(seen) < 10:
+        seen += [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        e = e.__cause__ or e.__context__
+    for key in ("No ONNX function found", "Unsupported", "aten.", "prims."):
+        for line in seen:
+            if key in line:
+                return line[:400]
+    return (seen[0] if seen else type(exc).__name__)[:400]
+
+
+def strip_weight_expands(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Feed MatMul the 2-d weight itself where the trace expanded it to the batch.
+
+    ``nn.MultiheadAttention``'s packed projection traces to ``MatMul(x, Expand(W))``.
+    ONNX MatMul broadcasts a 2-d operand by itself, and the Expand costs a copy of the
+    weight per token batch at run time (and gigabytes of constant folding at load), so
+    the Expand is bypassed and then removed.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    dead: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        src = producers.get(node.input[1])
+        if src is None or src.op_type != "Expand":
+            continue
+        weight = src.input[0]
+        if weight in inits and len(inits[weight].dims) == 2:
+            node.input[1] = weight
+            consumers[src.output[0]] -= 1
+            if consumers[src.output[0]] == 0:
+                dead.add(id(src))
+    if dead:
+        keep = [n for n in graph.node if id(n) not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return model

@@ -1,0 +1,102 @@
+"""Parity of the exported graph (ONNX Runtime) with PyTorch autograd on the same inputs.
+
+Each output is compared relative to its scale: ``err = |ort - torch| / max|torch|``.
+A check passes when the share of elements with ``err > tol`` is at most ``max_share``.
+The share, not the maximum, is bounded because where a pre-activation lies within float
+noise of 0 the two runtimes can disagree on a ReLU mask, and the few gradient elements
+behind a flipped mask then differ by a whole term; the maximum is still reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from camserve.errors import ParityError
+
+TOL = 1e-4
+MAX_SHARE = 1e-3
+
+
+def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """Batch 1 and 3 inputs with one-hot (explicit and by rank) and mixed cotangents."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = input_size
+    cases = []
+    for batch in (1, 3):
+        image = torch.randn(batch, 3, h, w, generator=g)
+        mixed = torch.randn(batch, num_outputs, generator=g)
+        explicit = torch.zeros(batch, num_outputs)
+        explicit[torch.arange(batch), torch.randint(num_outputs, (batch,), generator=g)] = 1.0
+        none = torch.full((batch,), -1, dtype=torch.int64)
+        ranks = torch.arange(batch, dtype=torch.int64) % min(num_outputs, 3)
+        cases += [
+            (f"b{batch}-onehot", (image, explicit, none)),
+            (f"b{batch}-mixed", (image, mixed, none)),
+            (f"b{batch}-rank", (image, mixed, ranks)),
+        ]
+    return cases
+
+
+def compare(name: str, ours: np.ndarray, ref: np.ndarray, tol: float = TOL) -> dict[str, float]:
+    if ours.shape != ref.shape:
+        raise ParityError(f"{name}: ONNX Runtime shape {list(ours.shape)} != PyTorch shape {list(ref.shape)}")
+    scale = float(np.abs(ref).max()) or 1.0
+    err = np.abs(ours.astype(np.float64) - ref.astype(np.float64)) / scale
+    return {"max_rel_err": float(err.max()), "share_off": float((err > tol).mean()), "scale": scale}
+
+
+def check_parity(
+    graph: Path,
+    reference: Callable[..., Sequence[torch.Tensor]],
+    names: Sequence[str],
+    num_outputs: int,
+    input_size: tuple[int, int],
+) -> dict[str, Any]:
+    """Run the graph and the eager reference on the parity cases; raise on disagreement.
+
+    Returns the figures written to the manifest: per output name the worst
+    ``max_rel_err`` and ``share_off`` over all cases.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    worst: dict[str, dict[str, float]] = {}
+    grads_seen: list[np.ndarray] = []
+    for case, args in parity_cases(num_outputs, input_size):
+        feeds = dict(zip(("image", "cotangent", "target_rank"), (a.numpy() for a in args)))
+        ours = sess.run(list(names), feeds)
+        with torch.no_grad():
+            ref = [t.detach().numpy() for t in reference(*args)]
+        for name, o, r in zip(names, ours, ref):
+            stats = compare(f"{case}/{name}", o, r)
+            prev = worst.setdefault(name, {"max_rel_err": 0.0, "share_off": 0.0})
+            prev["max_rel_err"] = max(prev["max_rel_err"], stats["max_rel_err"])
+            prev["share_off"] = max(prev["share_off"], stats["share_off"])
+        grads_seen += [o for n, o in zip(names, ours) if n.startswith("gradients_")]
+    bad = {n: s for n, s in worst.items() if s["share_off"] > MAX_SHARE}
+    if bad:
+        detail = "; ".join(f"{n}: {s['share_off']:.2%} of elements beyond {TOL:g} (max {s['max_rel_err']:.2e})" for n, s in bad.items())
+        raise ParityError(f"ONNX Runtime and PyTorch disagree: {detail}")
+    if grads_seen and all(not np.any(g) for g in grads_seen):
+        raise ParityError("every gradient is zero on random inputs: the graph cannot explain anything (zero-initialized head?)")
+    return {"tolerance": TOL, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in parity_cases(num_outputs, input_size)]}
+
+
+def check_head(graph: Path, reference: Callable[..., torch.Tensor], names: Sequence[str], example: Sequence[torch.Tensor]) -> None:
+    """The head graph's logits must match the model with the layer's output replaced."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    image, acts = example
+    feeds = {"image": image.numpy(), "activations": acts.numpy()}
+    ours = sess.run(["logits"], {n: feeds[n] for n in names})[0]
+    stats = compare("head/logits", ours, reference(image, acts).numpy())
+    if stats["share_off"] > MAX_SHARE:
+        raise ParityError(f"head graph disagrees with PyTorch: max relative error {stats['max_rel_err']:.2e}")

@@ -1,0 +1,135 @@
+"""Trace forward + ``torch.autograd.grad`` of a model into one ATen-level FX graph.
+
+``torch.onnx.export`` cannot export a module that calls ``autograd.grad`` (torch.export
+rejects it), so we trace the joint computation with ``make_fx`` first and export that
+graph. The traced function is::
+
+    joint(image [N,3,H,W], cotangent [N,K], target_rank [N] int64)
+        -> logits [N,K], activations_0, gradients_0, activations_1, ...
+
+where the cotangent row actually used is ``cotangent[n]`` if ``target_rank[n] < 0``
+else the one-hot vector of the ``target_rank[n]``-th highest logit of row n, and
+``gradients_i = d(sum(cot * logits)) / d(activations_i)``. Parameters are frozen
+(``requires_grad_(False)``), so no parameter gradient is traced; each target layer's
+output is made an autograd leaf by a forward hook, so only the backward between the
+logits and the target layers is traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from .decompositions import decomposition_table
+
+
+def select_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> torch.Tensor:
+    """Rows with ``target_rank >= 0`` become one-hot at that rank of the logits."""
+    order = torch.argsort(logits.detach(), dim=1, descending=True)
+    index = torch.gather(order, 1, target_rank.clamp(min=0).unsqueeze(1))
+    one_hot = torch.zeros_like(cotangent).scatter(1, index, 1.0)
+    return torch.where((target_rank >= 0).unsqueeze(1), one_hot, cotangent)
+
+
+@contextlib.contextmanager
+def leaf_hooks(layers: Sequence[nn.Module], store: list[torch.Tensor]) -> Iterator[None]:
+    """Make each layer's output an autograd leaf (recorded in ``store``) while active.
+
+    The module returns a differentiable copy of the leaf, so an in-place op right after
+    the layer (densenet's ``relu(inplace=True)``) does not touch the leaf itself.
+    """
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"target layer returned {type(output).__name__}, not a tensor")
+        leaf = output.detach().requires_grad_(True)
+        store.append(leaf)
+        return leaf * 1.0
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _contiguous_pool_input(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    # ATen's adaptive_avg_pool2d re-strides channels-last inputs with as_strided_, which
+    # traces to prims.as_strided_scatter (no ONNX translation); a contiguous input avoids it.
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+@contextlib.contextmanager
+def pool_fix(model: nn.Module) -> Iterator[None]:
+    handles = [
+        m.register_forward_pre_hook(_contiguous_pool_input)
+        for m in model.modules()
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def joint_function(model: nn.Module, layers: Sequence[nn.Module]):
+    """The function that is traced: forward, cotangent selection, input-free backward."""
+
+    def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor):
+        store: list[torch.Tensor] = []
+        with torch.enable_grad():
+            with leaf_hooks(layers, store):
+                logits = model(image)
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+                raise TypeError(f"model must return logits [N, K], got {getattr(logits, 'shape', type(logits))}")
+            if len(store) != len(layers):
+                raise RuntimeError(f"expected each target layer to run once, saw {len(store)} outputs for {len(layers)} layers")
+            cot = select_cotangent(logits, cotangent, target_rank)
+            grads = torch.autograd.grad((logits * cot).sum(), store, allow_unused=True)
+        outs: list[torch.Tensor] = [logits.detach()]
+        for act, grad in zip(store, grads):
+            outs += [act.detach(), torch.zeros_like(act) if grad is None else grad]
+        return tuple(outs)
+
+    return joint
+
+
+def batch_symbolic(example: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Fake copies of ``example`` whose batch dimension alone is symbolic.
+
+    ``make_fx(tracing_mode="symbolic")`` makes every dimension symbolic; for Swin that
+    costs minutes of symbolic reasoning over window sizes. Fixing H, W and the channels
+    (they are fixed by the export anyway) and leaving only N symbolic traces in seconds.
+    """
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1)
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+
+    return [fake(t) for t in example]
+
+
+def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
+    """Trace ``joint`` with a symbolic batch into an ATen graph ready for ONNX export."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    fn = joint_function(model, layers)
+    with sdpa_kernel(SDPBackend.MATH), pool_fix(model):
+        gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+            *batch_symbolic(example)
+        )
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
