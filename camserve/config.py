@@ -74,13 +74,15 @@ class ServerConfig:
     model_store: str = "model_store"
     models: str = "all"
     java_heap: str = "256m"
+    #: TorchServe's keys expire (default 60 min); renew with the API key (see README).
+    token_expiration_min: int = 1440
 
     def __post_init__(self) -> None:
         for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
             port = getattr(self, name)
             if not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(f"server.{name} must be a port number 0..65535, got {port!r}")
-        for name in ("batch_size", "workers", "response_timeout_s"):
+        for name in ("batch_size", "workers", "response_timeout_s", "token_expiration_min"):
             _positive(f"server.{name}", getattr(self, name))
         if self.max_batch_delay_ms < 0:
             raise ConfigError(f"server.max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")

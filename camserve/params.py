@@ -1,8 +1,13 @@
 """Request parameters: what to explain and how to answer, parsed and checked before any work.
 
-Parameters come from the query string (``?methods=gradcam,layercam&target=topk&topk=3``)
-or from a JSON form field named ``params`` (``{"methods": ["gradcam"], "target": [3, 7]}``);
-both may be used together when they do not contradict each other.
+Parameters come from three places, which may be combined when they do not contradict:
+
+* the query string (``?methods=gradcam,layercam&target=topk&topk=3``), on the routes where
+  TorchServe 0.12 forwards it to the handler: ``/NAME[/VERSION]/predict`` and
+  ``/invocations?model_name=NAME`` (it drops it on ``/predictions`` and ``/explanations``);
+* the ``X-Camserve-Params`` header, on every route, in the same query syntax or as JSON;
+* a JSON form field named ``params`` in a multipart request
+  (``{"methods": ["gradcam"], "target": [3, 7]}``).
 
 =============  =====================================  =======================================
 name           values                                 default

@@ -1,0 +1,424 @@
+"""``camserve serve`` / ``camserve stop``: one TorchServe instance per run folder, safe defaults.
+
+Everything an instance owns lives in its run folder: ``config.properties`` (generated),
+``metrics.yaml``, ``logs/``, ``tmp/`` (its own ``TMPDIR`` and ``TEMP``: TorchServe keeps the
+pid file and the worker sockets there, so two instances never steal each other's),
+``key_file.json`` (token authorization keys; TorchServe writes it in its cwd) and
+``state.json`` (addresses and pid, read by ``stop`` and the client).
+
+Defaults: every address 127.0.0.1, token authorization on, model registration API off,
+gRPC ports set explicitly (a clash there would kill the server after start), Prometheus
+metrics mode, batching as configured. Readiness is not ``/ping`` (healthy before any model
+loads) but the management API reporting a READY worker for every model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import CONFIG_ENV, Config, load_config, to_env
+from .errors import CamserveError
+from .metrics import write_metrics_config
+
+JAVA_HINT = (
+    "TorchServe needs a Java runtime 11 or newer: install one (Debian/Ubuntu: "
+    "`apt-get install openjdk-17-jre-headless`) or set JAVA_HOME to a JDK/JRE folder"
+)
+
+
+class ServerError(CamserveError):
+    """TorchServe cannot be started, found or stopped."""
+
+    kind = "server_error"
+    status = 500
+
+
+# ------------------------------------------------------------------------ java ---
+
+
+def java_version(java: str) -> int:
+    """Major version of a ``java`` binary (8 for "1.8.0_x", 17 for "17.0.2")."""
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise ServerError(f"cannot run {java}: {exc.strerror}. {JAVA_HINT}") from None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not match:
+        raise ServerError(f"cannot read the version of {java}. {JAVA_HINT}")
+    major, minor = int(match.group(1)), int(match.group(2) or 0)
+    return minor if major == 1 else major
+
+
+def find_java(env: dict[str, str] | None = None) -> str:
+    """``$JAVA_HOME/bin/java`` or ``java`` on PATH, version 11+, else a clear :class:`ServerError`."""
+    env = dict(os.environ) if env is None else env
+    home = env.get("JAVA_HOME")
+    if home:
+        java = str(Path(home) / "bin" / "java")
+        if not os.access(java, os.X_OK):
+            raise ServerError(f"JAVA_HOME={home} has no bin/java. {JAVA_HINT}")
+    else:
+        java = shutil.which("java", path=env.get("PATH")) or ""
+        if not java:
+            raise ServerError(f"no Java runtime found (JAVA_HOME unset, no java on PATH). {JAVA_HINT}")
+    major = java_version(java)
+    if major < 11:
+        raise ServerError(f"{java} is Java {major}, too old. {JAVA_HINT}")
+    return java
+
+
+# ---------------------------------------------------------------------- config ---
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def version_key(version: str) -> tuple:
+    """Sort key: numeric parts compare as numbers ("1.10" > "1.9")."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", version))
+
+
+def mar_identity(path: Path) -> tuple[str, str]:
+    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            model = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+        return model["modelName"], str(model.get("modelVersion") or "1.0")
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ServerError(f"{path} is not a readable model archive: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A running (or configured) TorchServe instance and where to reach it."""
+
+    run_dir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    models: dict[str, list[str]]
+    pid: int = 0
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Instance:
+        path = Path(run_dir) / "state.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)") from None
+        return cls(run_dir=Path(data.pop("run_dir")), **data)
+
+    def save(self) -> None:
+        data = dict(self.__dict__, run_dir=str(self.run_dir))
+        (self.run_dir / "state.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def key(self, api: str = "management") -> str | None:
+        """The token for ``api`` (management or inference); None when token auth is off."""
+        path = self.run_dir / "key_file.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text()).get(api, {}).get("key")
+
+    def env(self) -> dict[str, str]:
+        tmp = str(self.run_dir / "tmp")
+        logs = str(self.run_dir / "logs")
+        return {"TMPDIR": tmp, "TEMP": tmp, "LOG_LOCATION": logs, "METRICS_LOCATION": logs, "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def resolve_ports(config: Config) -> Config:
+    """Replace every port 0 with a free loopback port."""
+    ports = {
+        name: free_port()
+        for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+        if getattr(config.server, name) == 0
+    }
+    return config.with_overrides({"server": ports}) if ports else config
+
+
+def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path], inference_host: str | None) -> str:
+    """The generated ``config.properties`` text."""
+    s = config.server
+    host = s.host
+    models: dict[str, dict[str, Any]] = {}
+    for mar in mars:
+        name, version = mar_identity(mar)
+        models.setdefault(name, {})[version] = {
+            "marName": mar.name,
+            "minWorkers": s.workers,
+            "maxWorkers": s.workers,
+            "batchSize": min(s.batch_size, config.limits.max_batch_size),
+            "maxBatchDelay": s.max_batch_delay_ms,
+            "responseTimeout": s.response_timeout_s,
+        }
+    for versions in models.values():  # the highest version answers /predictions/NAME
+        versions[max(versions, key=version_key)]["defaultVersion"] = True
+    lines = {
+        "inference_address": f"http://{inference_host or host}:{s.inference_port}",
+        "management_address": f"http://{host}:{s.management_port}",
+        "metrics_address": f"http://{host}:{s.metrics_port}",
+        "grpc_inference_address": host,
+        "grpc_management_address": host,
+        "grpc_inference_port": s.grpc_inference_port,
+        "grpc_management_port": s.grpc_management_port,
+        "model_store": model_store,
+        "load_models": ",".join(m.name for m in mars),
+        "models": json.dumps(models, separators=(",", ":")),
+        "disable_token_authorization": str(not s.token_auth).lower(),
+        "token_expiration_min": s.token_expiration_min,
+        "enable_model_api": str(s.model_api).lower(),
+        "metrics_mode": "prometheus",
+        "metrics_config": run_dir / "metrics.yaml",
+        "max_request_size": config.limits.max_body_bytes,
+        "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
+        "default_response_timeout": s.response_timeout_s,
+        "vmargs": f"-Xmx{s.java_heap} -XX:-UsePerfData -Djava.io.tmpdir={run_dir / 'tmp'}",
+        "install_py_dep_per_model": "false",
+        "disable_system_metrics": "true",
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+# ------------------------------------------------------------------- lifecycle ---
+
+
+def _request(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def ready_models(instance: Instance) -> dict[str, list[str]]:
+    """``{model: [versions with a READY worker]}`` from the management API."""
+    out: dict[str, list[str]] = {}
+    token = instance.key("management")
+    for name in instance.models:
+        status, data = _request(f"{instance.management_url}/models/{name}/all", token)
+        if status != 200 or not isinstance(data, list):
+            continue
+        out[name] = [
+            str(entry.get("modelVersion")) for entry in data if any(w.get("status") == "READY" for w in entry.get("workers", []))
+        ]
+    return out
+
+
+def wait_ready(instance: Instance, timeout: float, proc_alive=lambda: True) -> None:
+    """Poll the management API until every model version has a READY worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ready = ready_models(instance)
+        except (OSError, ValueError):
+            ready = {}
+        if all(set(v) <= set(ready.get(name, [])) for name, v in instance.models.items()):
+            return
+        if not proc_alive():
+            raise ServerError(f"TorchServe exited during start; see {instance.run_dir / 'logs'}")
+        time.sleep(0.5)
+    raise ServerError(
+        f"no READY worker for every model after {timeout:.0f} s; see {instance.run_dir / 'logs' / 'model_log.log'}:\n"
+        + log_tail(instance.run_dir)
+    )
+
+
+def log_tail(run_dir: Path, lines: int = 15) -> str:
+    path = run_dir / "logs" / "model_log.log"
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def start(
+    config: Config,
+    *,
+    run_dir: str | Path,
+    model_store: str | Path,
+    models: str = "all",
+    inference_host: str | None = None,
+    wait: bool = True,
+    config_file: str | Path | None = None,
+) -> Instance:
+    """Start TorchServe for ``models`` (``all`` or comma-separated .mar names) and wait until READY."""
+    run_dir = Path(run_dir).resolve()
+    store = Path(model_store).resolve()
+    if not store.is_dir():
+        raise ServerError(f"model store {store} does not exist (build archives with camserve archive)")
+    mars = sorted(store.glob("*.mar")) if models == "all" else [store / (m if m.endswith(".mar") else f"{m}.mar") for m in models.split(",")]
+    for mar in mars:
+        if not mar.is_file():
+            raise ServerError(f"model archive {mar} does not exist")
+    if not mars:
+        raise ServerError(f"no .mar archives in {store}")
+    java = find_java()
+    if (run_dir / "state.json").is_file() and _alive(Instance.load(run_dir).pid):
+        raise ServerError(f"a server from {run_dir} is already running (camserve stop --run-dir {run_dir})")
+    for sub in ("logs", "tmp"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    config = resolve_ports(config)
+    write_metrics_config(run_dir / "metrics.yaml")
+    (run_dir / "config.properties").write_text(properties(config, run_dir, store, mars, inference_host))
+    identities: dict[str, list[str]] = {}
+    for mar in mars:
+        name, version = mar_identity(mar)
+        identities.setdefault(name, []).append(version)
+    s = config.server
+    host = s.host
+    instance = Instance(
+        run_dir=run_dir,
+        inference_url=f"http://{'127.0.0.1' if (inference_host or host) == '0.0.0.0' else (inference_host or host)}:{s.inference_port}",
+        management_url=f"http://{host}:{s.management_port}",
+        metrics_url=f"http://{host}:{s.metrics_port}",
+        models=identities,
+    )
+    env = {**os.environ, **instance.env(), **to_env(config), "JAVA_HOME": str(Path(java).resolve().parent.parent)}
+    if config_file:
+        env[CONFIG_ENV] = str(Path(config_file).resolve())
+    torchserve = Path(sys.executable).parent / "torchserve"
+    cmd = [str(torchserve) if torchserve.exists() else "torchserve", "--start", "--ncs", "--ts-config", str(run_dir / "config.properties")]
+    # The frontend inherits the launcher's stdout: a file, not a pipe nobody would drain.
+    console = run_dir / "logs" / "console.log"
+    pid_file = run_dir / "tmp" / ".model_server.pid"
+    pid_file.unlink(missing_ok=True)
+    with open(console, "ab") as log:
+        code = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120).returncode
+    text = console.read_text(errors="replace")
+    if code != 0 or "java not found" in text or not pid_file.is_file():
+        raise ServerError(f"torchserve --start failed (see {console}): {text.strip()[-800:]}")
+    instance = Instance(**{**instance.__dict__, "pid": int(pid_file.read_text().split()[0])})
+    instance.save()
+    if wait:
+        try:
+            wait_ready(instance, s.startup_timeout_s, proc_alive=lambda: _alive(instance.pid))
+        except ServerError:
+            stop(run_dir)
+            raise
+    return instance
+
+
+def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
+    """Stop the instance of ``run_dir`` (frontend and its workers). False if none was running."""
+    import psutil
+
+    run_dir = Path(run_dir).resolve()
+    pid_file = run_dir / "tmp" / ".model_server.pid"
+    if (run_dir / "state.json").is_file():
+        pid = Instance.load(run_dir).pid
+    elif pid_file.is_file():  # a start that failed before writing its state
+        pid = int(pid_file.read_text().split()[0])
+    else:
+        raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)")
+    try:
+        frontend = psutil.Process(pid)
+        if "org.pytorch.serve.ModelServer" not in frontend.cmdline():
+            return False  # the pid was reused by something else: not ours to stop
+        procs = [frontend, *frontend.children(recursive=True)]
+    except psutil.Error:
+        return False
+    torchserve = Path(sys.executable).parent / "torchserve"
+    subprocess.run(
+        [str(torchserve) if torchserve.exists() else "torchserve", "--stop"],
+        cwd=run_dir,
+        env={**os.environ, **Instance(run_dir, "", "", "", {}).env()},
+        capture_output=True,
+        timeout=60,
+    )
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:  # only the frontend's own process tree, by pid
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return True
+
+
+# ------------------------------------------------------------------------- CLI ---
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        "server": {
+            "host": args.host,
+            "inference_port": args.inference_port,
+            "management_port": args.management_port,
+            "metrics_port": args.metrics_port,
+            "grpc_inference_port": args.grpc_inference_port,
+            "grpc_management_port": args.grpc_management_port,
+            "batch_size": args.batch_size,
+            "max_batch_delay_ms": args.max_batch_delay,
+            "workers": args.workers,
+            "token_auth": False if args.no_token_auth else None,
+            "model_api": True if args.model_api else None,
+        },
+        "runtime": {"ort_threads": args.ort_threads},
+    }
+    config = load_config(args.config, overrides=overrides)
+    instance = start(
+        config,
+        run_dir=args.run_dir,
+        model_store=args.model_store,
+        models=args.models,
+        inference_host=args.inference_host,
+        config_file=args.config,
+    )
+    print(f"camserve: serving {', '.join(f'{n} {v}' for n, vs in instance.models.items() for v in vs)}")
+    print(f"  inference  {instance.inference_url}\n  management {instance.management_url}\n  metrics    {instance.metrics_url}/metrics")
+    if instance.key("inference"):
+        print(f"  tokens     {instance.run_dir / 'key_file.json'} (send 'Authorization: Bearer <key>')")
+    print(f"  logs       {instance.run_dir / 'logs'}\n  stop with  camserve stop --run-dir {args.run_dir}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    print("camserve: stopped" if stop(args.run_dir) else "camserve: no server was running")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="start TorchServe with camserve models (safe defaults)")
+    p.add_argument("--model-store", default="model_store", help="folder of .mar archives (default model_store)")
+    p.add_argument("--models", default="all", help="comma-separated .mar names, or all (default)")
+    p.add_argument("--run-dir", default="serve_run", help="instance folder: config, logs, keys, tmp (default serve_run)")
+    p.add_argument("--config", help="camserve YAML/JSON configuration file (limits, server, runtime)")
+    p.add_argument("--host", help="bind address of every API (default 127.0.0.1)")
+    p.add_argument("--inference-host", help="bind address of the inference API only, e.g. 0.0.0.0 to open it")
+    for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management"):
+        p.add_argument(f"--{name}-port", type=int, help=f"{name} port (0 = a free one)")
+    p.add_argument("--batch-size", type=int, help="server-side batch size")
+    p.add_argument("--max-batch-delay", type=int, help="milliseconds to wait to fill a batch")
+    p.add_argument("--workers", type=int, help="workers per model version")
+    p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads per worker (0 = cores / workers)")
+    p.add_argument("--no-token-auth", action="store_true", help="turn TorchServe token authorization off (all APIs)")
+    p.add_argument("--model-api", action="store_true", help="enable model registration through the management API")
+    p.set_defaults(func=_serve)
+    q = subparsers.add_parser("stop", help="stop the TorchServe started by camserve serve")
+    q.add_argument("--run-dir", default="serve_run")
+    q.set_defaults(func=_stop)

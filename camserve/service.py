@@ -1,0 +1,407 @@
+"""The request pipeline behind the TorchServe handler, free of TorchServe itself.
+
+One call of :meth:`Service.handle` serves one server batch (a list of HTTP requests)::
+
+    parse parameters -> decode + preprocess every image -> ONE cam.explain call per group
+    -> predictions, CAMs in the asked forms -> versioned JSON, one answer per request
+
+Requests of a batch that share their explanation options (methods, aug_smooth,
+eigen_smooth) form one group, so a batch of alike requests costs exactly one ONNX Runtime
+call (prediction-only images likewise share one forward run). A request that fails
+(bad bytes, bad parameter, too large) gets a 4xx JSON error naming the problem and drops out
+before the model runs; its neighbours get full answers.
+
+Answer schema ``camserve/1`` (see the README for a real example)::
+
+    {"schema": "camserve/1", "request_id": str,
+     "model": {"name", "version", "graph_sha256"},
+     "images": [{"field", "width", "height",
+                 "predictions": [{"index", "label", "score"}],          # top 5, softmax
+                 "explanations": [{"method", "target": {"index", "label", "score"},
+                                   "summary": {...}, "png"?: base64, "overlay"?: base64,
+                                   "array"?: {"data", "shape", "dtype"}}]}],
+     "timings_ms": {"preprocess", "inference", "cam", "encode"},
+     "batch": {"requests": requests in the server batch, "images": images in the model call}}
+    error: {"schema": "camserve/1", "request_id", "model": {...},
+            "error": {"kind", "status", "message"}}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import imageio, render
+from .config import Limits
+from .errors import CamserveError, InputError
+from .metrics import Recorder
+from .params import JSON_FIELDS, PARAM_NAMES, BadParameter, RequestParams, UnknownParameter, merge_sources, parse_params
+
+SCHEMA = "camserve/1"
+#: Request header carrying parameters (``methods=gradcam&target=topk`` or a JSON object):
+#: TorchServe 0.12 forwards the query string only on its legacy routes
+#: (``/NAME[/VERSION]/predict``, ``/invocations``), not on ``/predictions`` or ``/explanations``.
+PARAMS_HEADER = "x-camserve-params"
+#: Fields TorchServe itself adds (``/invocations?model_name=...``), not ours to parse.
+TORCHSERVE_FIELDS = ("model_name", "model_version")
+TOP_PREDICTIONS = 5
+RAW_BODY_FIELDS = ("body", "data")
+
+
+class BodyTooLarge(InputError):
+    kind = "body_too_large"
+    status = 413
+
+
+class TooManyImages(InputError):
+    kind = "too_many_images"
+    status = 413
+
+
+@dataclass
+class Request:
+    """One HTTP request as the handler saw it: its fields (body, parts, query values)."""
+
+    fields: dict[str, Any]
+    request_id: str = ""
+    explain_route: bool = False
+    header_params: str | None = None
+
+
+def header(context: Any, idx: int, name: str) -> str | None:
+    """A request header by case-insensitive name from a TorchServe context (None if absent)."""
+    try:
+        headers = context.get_all_request_header(idx) or {}
+    except Exception:  # noqa: BLE001 - an odd context must not fail the request
+        return None
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == name and isinstance(value, str):
+            return value
+    return None
+
+
+def header_source(text: str | None) -> dict[str, Any] | None:
+    """Parameters from the header: a JSON object, or query-string syntax."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise BadParameter(f"the {PARAMS_HEADER} header is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise BadParameter(f"the {PARAMS_HEADER} header must hold a JSON object")
+        return value
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise BadParameter(f"the {PARAMS_HEADER} header {text!r} is neither a JSON object nor name=value&... pairs") from None
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BadParameter(f"parameter {key!r} is given twice in the {PARAMS_HEADER} header")
+        out[key] = value
+    return out
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    error_kind: str | None = None
+
+
+@dataclass
+class _Item:
+    request: Request
+    params: RequestParams | None = None
+    names: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    rows: slice = field(default_factory=lambda: slice(0, 0))
+    error: Exception | None = None
+    preprocess_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    batch: int = 0
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def split_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, bytes]], dict[str, Any], Any]:
+    """Separate image parts from parameters: ``(images, query params, JSON params field)``.
+
+    A field named like a parameter is a parameter; ``params``/``parameters`` is the JSON
+    field; anything else must be image bytes. A short text under an unknown name is taken
+    for a misspelt parameter and named as such.
+    """
+    images, query, json_field = [], {}, None
+    for name, value in fields.items():
+        if name in PARAM_NAMES:
+            query[name] = value
+        elif name in JSON_FIELDS:
+            json_field = value
+        elif name in TORCHSERVE_FIELDS:
+            continue
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            if name not in RAW_BODY_FIELDS and _looks_like_text(data):
+                raise UnknownParameter(f"unknown parameter {name!r} (known: {', '.join(PARAM_NAMES)})")
+            images.append((name, data))
+        elif isinstance(value, str) and name not in RAW_BODY_FIELDS:
+            raise UnknownParameter(f"unknown parameter {name!r} (known: {', '.join(PARAM_NAMES)})")
+        else:
+            raise imageio.NotAnImage(f"field {name!r} is not image bytes (got {type(value).__name__}; send image/* or application/octet-stream)")
+    return images, query, json_field
+
+
+def _looks_like_text(data: bytes) -> bool:
+    if len(data) > 256:
+        return False
+    try:
+        imageio.sniff_format(data)
+        return False
+    except imageio.NotAnImage:
+        pass
+    try:
+        return data.decode("utf-8").isprintable()
+    except UnicodeDecodeError:
+        return False
+
+
+class Service:
+    """Serves batches of requests with one graph session (see the module docstring)."""
+
+    def __init__(self, session: Any, limits: Limits | None = None, recorder: Recorder | None = None,
+                 explain: Callable[..., Any] | None = None, name: str | None = None, version: str | None = None) -> None:
+        from . import cam
+
+        self.session = session
+        self.manifest = session.manifest
+        self.name = name or self.manifest.model_name
+        self.version = version or self.manifest.model_version
+        self.limits = limits or Limits()
+        self.recorder = recorder or Recorder(None, self.name, self.version)
+        self.explain = explain or cam.explain
+        self.methods = tuple(cam.available_methods())
+        self.labels = list(self.manifest.labels)
+
+    # ------------------------------------------------------------------ stages ---
+
+    def _parse(self, item: _Item) -> None:
+        parts, query, json_field = split_fields(item.request.fields)
+        raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
+        item.params = parse_params(
+            raw,
+            num_classes=self.manifest.num_outputs,
+            known_methods=self.methods,
+            explain_default=item.request.explain_route,
+            max_targets=self.limits.max_targets,
+            max_methods=self.limits.max_methods,
+        )
+        if not parts:
+            raise imageio.NotAnImage("the request has no image: send image bytes as the body or as multipart parts")
+        if len(parts) > self.limits.max_images_per_request:
+            raise TooManyImages(f"the request has {len(parts)} images, more than the limit of {self.limits.max_images_per_request}")
+        start = time.perf_counter()
+        for name, data in parts:
+            if len(data) > self.limits.max_body_bytes:
+                raise BodyTooLarge(f"image {name!r} has {len(data)} bytes, more than the limit of {self.limits.max_body_bytes}")
+            try:
+                item.images.append(imageio.decode(data, self.limits.max_pixels))
+            except CamserveError as exc:
+                raise type(exc)(f"image {name!r}: {exc}") from None
+            item.names.append(name)
+        item.preprocess_s = time.perf_counter() - start
+
+    def _targets(self, params: RequestParams) -> Any:
+        from .cam import TopK
+
+        return TopK(params.target.topk) if params.target.topk is not None else list(params.target.classes)
+
+    def _run_groups(self, items: list[_Item], batch: np.ndarray) -> dict[int, dict[str, Any]]:
+        """One model call per group of alike requests; returns per-item results."""
+        groups: dict[tuple, list[_Item]] = {}
+        for item in items:
+            p = item.params
+            key = (p.methods, p.aug_smooth, p.eigen_smooth) if p.explain else ("predict",)
+            groups.setdefault(key, []).append(item)
+        results: dict[int, dict[str, Any]] = {}
+        for key, members in groups.items():
+            index = np.concatenate([np.arange(m.rows.start, m.rows.stop) for m in members])
+            images = batch[index]
+            self.recorder.batch(len(index))
+            try:
+                if key == ("predict",):
+                    start = time.perf_counter()
+                    logits = self.session.run(images).logits
+                    timings = {"inference": time.perf_counter() - start, "cam": 0.0}
+                    out = {"logits": logits, "classes": None, "cams": {}}
+                else:
+                    methods, aug, eigen = key
+                    targets = [self._targets(m.params) for m in members for _ in m.images]
+                    start = time.perf_counter()
+                    exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug)
+                    total = time.perf_counter() - start
+                    timings = _split_timings(exp.timings, total)
+                    out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams}
+                    for method in methods:
+                        self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
+                self.recorder.inference(timings["inference"])
+            except Exception as exc:  # noqa: BLE001 - the group fails, the batch goes on
+                for m in members:
+                    m.error = exc
+                continue
+            pos = 0
+            for m in members:
+                n = len(m.images)
+                results[id(m)] = {
+                    "logits": out["logits"][pos : pos + n],
+                    "classes": None if out["classes"] is None else list(out["classes"][pos : pos + n]),
+                    "cams": {meth: list(c[pos : pos + n]) for meth, c in out["cams"].items()},
+                }
+                m.timings = timings
+                m.batch = len(index)
+                pos += n
+        return results
+
+    def _answer(self, item: _Item, result: dict[str, Any]) -> dict[str, Any]:
+        params = item.params
+        probs = softmax(np.asarray(result["logits"], dtype=np.float64))
+        images = []
+        for i, (name, rgb) in enumerate(zip(item.names, item.images)):
+            order = np.argsort(-probs[i], kind="stable")[: min(TOP_PREDICTIONS, probs.shape[1])]
+            entry: dict[str, Any] = {
+                "field": name,
+                "width": int(rgb.shape[1]),
+                "height": int(rgb.shape[0]),
+                "predictions": [self._class(int(c), probs[i]) for c in order],
+            }
+            if params.explain:
+                entry["explanations"] = self._explanations(rgb, probs[i], result, i, params)
+            images.append(entry)
+        return {"images": images}
+
+    def _class(self, index: int, probs: np.ndarray) -> dict[str, Any]:
+        label = self.labels[index] if index < len(self.labels) else str(index)
+        return {"index": index, "label": label, "score": round(float(probs[index]), 6)}
+
+    def _explanations(self, rgb: np.ndarray, probs: np.ndarray, result: dict[str, Any], i: int,
+                      params: RequestParams) -> list[dict[str, Any]]:
+        classes = [int(c) for c in np.asarray(result["classes"][i]).ravel()]
+        out = []
+        size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        for method in params.methods:
+            cams = np.asarray(result["cams"][method][i], dtype=np.float32)  # [T, h, w]
+            full = render.resize_maps(render.check_cams(cams), size)
+            summaries = render.summarize(full, image_size=size).as_dicts()
+            pngs = render.heatmap_png(cams) if "png" in params.output else None
+            raw = render.to_float16(cams) if "array" in params.output else None
+            for t, cls in enumerate(classes):
+                entry: dict[str, Any] = {"method": method, "target": self._class(cls, probs), "summary": summaries[t]}
+                if pngs is not None:
+                    entry["png"] = base64.b64encode(pngs[t]).decode("ascii")
+                if "overlay" in params.output:
+                    entry["overlay"] = base64.b64encode(render.overlay_bytes(rgb, full[t], "png")).decode("ascii")
+                if raw is not None:
+                    entry["array"] = render.to_float16(cams[t : t + 1]).to_json()
+                out.append(entry)
+        return out
+
+    # ------------------------------------------------------------------- batch ---
+
+    def model_info(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "graph_sha256": self.manifest.graph_sha256}
+
+    def handle(self, requests: list[Request]) -> list[Response]:
+        """Answer every request of one server batch; never raises for a bad request."""
+        items = [_Item(r) for r in requests]
+        self.recorder.requests(len(items))
+        good: list[_Item] = []
+        for item in items:
+            try:
+                self._parse(item)
+                good.append(item)
+            except Exception as exc:  # noqa: BLE001 - answered as 4xx (ours) or 500 (a bug)
+                item.error = exc
+        results: dict[int, dict[str, Any]] = {}
+        if good:
+            start = time.perf_counter()
+            rgb = [img for item in good for img in item.images]
+            m = self.manifest
+            batch = imageio.preprocess(rgb, m.input_size, m.mean, m.std, m.channel_order)
+            prep = time.perf_counter() - start
+            pos = 0
+            for item in good:
+                item.rows = slice(pos, pos + len(item.images))
+                item.preprocess_s += prep * len(item.images) / len(rgb)
+                pos += len(item.images)
+            self.recorder.preprocess(sum(i.preprocess_s for i in good))
+            results = self._run_groups(good, batch)
+        responses = []
+        encode_total = 0.0
+        for item in items:
+            start = time.perf_counter()
+            if item.error is None:
+                try:
+                    answer = self._answer(item, results[id(item)])
+                except Exception as exc:  # noqa: BLE001 - one bad answer must not fail the batch
+                    item.error = exc
+            if item.error is not None:
+                responses.append(self.error_response(item.request, item.error))
+                continue
+            encode_s = time.perf_counter() - start
+            encode_total += encode_s
+            t = item.timings
+            body = {
+                "schema": SCHEMA,
+                "request_id": item.request.request_id,
+                "model": self.model_info(),
+                **answer,
+                "timings_ms": {
+                    "preprocess": _ms(item.preprocess_s),
+                    "inference": _ms(t.get("inference", 0.0)),
+                    "cam": _ms(t.get("cam", 0.0)),
+                    "encode": _ms(encode_s),
+                },
+                "batch": {"requests": len(requests), "images": item.batch},
+            }
+            responses.append(Response(200, json.dumps(body).encode()))
+        if good:
+            self.recorder.encode(encode_total)
+        return responses
+
+    def error_response(self, request: Request, exc: Exception) -> Response:
+        """A JSON error body; unexpected exceptions become 500 ``internal_error``."""
+        if isinstance(exc, CamserveError):
+            kind, status, message = exc.kind, exc.status, str(exc)
+        else:
+            kind, status, message = "internal_error", 500, f"{type(exc).__name__}: {exc}"
+        self.recorder.error(kind)
+        body = {
+            "schema": SCHEMA,
+            "request_id": request.request_id,
+            "model": self.model_info(),
+            "error": {"kind": kind, "status": status, "message": message},
+        }
+        return Response(status, json.dumps(body).encode(), error_kind=kind)
+
+
+def _split_timings(timings: Any, total: float) -> dict[str, float]:
+    """The CAM core's seconds in graph runs (``inference``); the rest of the call is ``cam``."""
+    inference = float(dict(timings or {}).get("inference", 0.0))
+    return {"inference": inference, "cam": max(0.0, total - inference)}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

@@ -1,0 +1,64 @@
+"""TorchServe handler for camserve models: thin glue between TorchServe and camserve.service.
+
+TorchServe loads this module and requires exactly one class in it, so every helper lives in
+the installed ``camserve`` package. The handler creates the ONNX Runtime session itself
+with a chosen thread count (TorchServe's BaseHandler would give every worker all cores),
+answers each request of a batch on its own (status and content type per request) and
+never lets an exception escape (that would fail the whole batch with 503).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from camserve.config import load_config  # noqa: E402
+from camserve.metrics import Recorder  # noqa: E402
+from camserve.runtime import GraphSession, default_providers  # noqa: E402
+from camserve.service import PARAMS_HEADER, Request, Service, header  # noqa: E402
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class CamserveHandler:
+    """Loads the exported graph from the model folder and serves batches through Service."""
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+        self.initialized = False
+
+    def initialize(self, context) -> None:
+        config = load_config()
+        props = context.system_properties
+        model = (getattr(context, "manifest", None) or {}).get("model", {})
+        providers = PROVIDERS.get(config.runtime.providers) or default_providers()
+        session = GraphSession(
+            props["model_dir"],
+            providers=providers,
+            intra_op_threads=config.runtime.threads_for(config.server.workers),
+        )
+        name = model.get("modelName") or session.manifest.model_name
+        version = str(model.get("modelVersion") or session.manifest.model_version)
+        recorder = Recorder(getattr(context, "metrics", None), name, version)
+        self.service = Service(session, config.limits, recorder, name=name, version=version)
+        self.initialized = True
+
+    def handle(self, data, context):
+        requests = [
+            Request(
+                fields=dict(row or {}),
+                request_id=context.get_request_id(i) or "",
+                explain_route=str(context.get_request_header(i, "explain")) == "True",
+                header_params=header(context, i, PARAMS_HEADER),
+            )
+            for i, row in enumerate(data or [])
+        ]
+        try:
+            responses = self.service.handle(requests)
+        except Exception as exc:  # noqa: BLE001 - a 503 for the batch would hide which request failed
+            responses = [self.service.error_response(r, exc) for r in requests]
+        for i, response in enumerate(responses):
+            context.set_response_status(response.status, "OK" if response.status < 400 else response.error_kind or "error", idx=i)
+            context.set_response_content_type(i, response.content_type)
+        return [r.body for r in responses]
