@@ -52,7 +52,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                 state = state[key]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CamserveError(f"weights file {str(path)!r} does not hold a state_dict of tensors")
-    result = model.load_state_dict(dict(state), strict=False)
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = str(exc).splitlines()[-1].strip()
+        raise CamserveError(f"weights file {str(path)!r} does not fit the model: {detail}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise CamserveError(
             f"weights file {str(path)!r} does not fit the model: missing {result.missing_keys[:5]}, "

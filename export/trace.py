@@ -26,6 +26,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
+from camserve.errors import ExportError
+
 from .decompositions import decomposition_table
 
 
@@ -45,9 +47,9 @@ def leaf_hooks(layers: Sequence[nn.Module], store: list[torch.Tensor]) -> Iterat
     the layer (densenet's ``relu(inplace=True)``) does not touch the leaf itself.
     """
 
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"target layer returned {type(output).__name__}, not a tensor")
+            raise ExportError(f"target layer {type(module).__name__} returns {type(output).__name__}, not a tensor: pick a layer with one tensor output")
         leaf = output.detach().requires_grad_(True)
         store.append(leaf)
         return leaf * 1.0
