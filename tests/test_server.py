@@ -1,0 +1,289 @@
+"""A real TorchServe (Java frontend + Python worker) on free loopback ports, one per module.
+
+Two versions of the tiny CNN are archived and served side by side; answers are checked
+against the CAM module run directly on the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _server_fixture import (
+    LABELS,
+    answer_json,
+    array_of,
+    direct_explanation,
+    http,
+    multipart,
+    png_bytes,
+    sample_image,
+    softmax,
+    tiny_export,
+)
+from camserve import cam
+from camserve.config import Config
+from camserve.imageio import decode
+from camserve.metrics import parse_prometheus
+from camserve.server import ServerError, find_java, properties, start, stop
+
+pytestmark = pytest.mark.server
+
+PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Archive v1.0 and v2.0 (different weights) and serve both; always stopped afterwards."""
+    from camserve.archive import build_archive
+
+    base = tmp_path_factory.getbasetemp()
+    exports = {"1.0": tiny_export(base, "1.0", seed=0), "2.0": tiny_export(base, "2.0", seed=1)}
+    store = tmp_path_factory.mktemp("model_store")
+    build_archive(exports["1.0"], name="tiny", version="1.0", model_store=store)
+    build_archive(exports["2.0"], name="tiny", version="2.0", model_store=store, mar_name="tiny-2.0")
+    config = Config().with_overrides(
+        {"server": {**{p: 0 for p in PORTS}, "batch_size": 8, "max_batch_delay_ms": 150}, "runtime": {"ort_threads": 1}}
+    )
+    run_dir = tmp_path_factory.mktemp("serve_run")
+    instance = None
+    try:
+        instance = start(config, run_dir=run_dir, model_store=store)
+        yield instance, exports
+    finally:
+        if (run_dir / "state.json").exists() or (run_dir / "tmp" / ".model_server.pid").exists():
+            stop(run_dir)
+
+
+def post(instance, path, data, ctype="image/png", params=None, token=True, extra=None):
+    headers = {"Content-Type": ctype}
+    if token:
+        headers["Authorization"] = f"Bearer {instance.key('inference')}"
+    if params is not None:
+        headers["X-Camserve-Params"] = params
+    headers.update(extra or {})
+    return http("POST", instance.inference_url + path, data, headers)
+
+
+def worker_pids(instance, version):
+    status, _, body = http("GET", f"{instance.management_url}/models/tiny/{version}",
+                           headers={"Authorization": f"Bearer {instance.key('management')}"})
+    assert status == 200
+    return [w["pid"] for w in json.loads(body)[0]["workers"]]
+
+
+def test_explanation_matches_the_cam_module(served):
+    instance, exports = served
+    rgb = sample_image(11, (40, 56))
+    status, headers, body = post(instance, "/explanations/tiny/1.0", png_bytes(rgb), params="output=array,overlay&target=topk&topk=2")
+    assert status == 200 and headers["content-type"].startswith("application/json")
+    ans = answer_json(body)
+    assert ans["model"]["name"] == "tiny" and ans["model"]["version"] == "1.0" and len(ans["request_id"]) > 8
+    direct = direct_explanation(exports["1.0"], [decode(png_bytes(rgb), 10**6)], [cam.TopK(2)], ["gradcam"])
+    probs = softmax(direct.logits[0].astype(np.float64))
+    img = ans["images"][0]
+    assert [p["index"] for p in img["predictions"]] == list(np.argsort(-probs)[: len(LABELS)])
+    assert img["predictions"][0]["score"] == pytest.approx(probs.max(), abs=1e-5)
+    assert [e["target"]["index"] for e in img["explanations"]] == direct.classes[0]
+    for t, e in enumerate(img["explanations"]):
+        np.testing.assert_allclose(array_of(e), direct.cams["gradcam"][0][t], atol=5e-4)
+        import base64
+
+        assert decode(base64.b64decode(e["overlay"]), 10**6).shape == rgb.shape
+    assert set(ans["timings_ms"]) == {"preprocess", "inference", "cam", "encode"}
+
+
+def test_predictions_route_and_legacy_query_string(served):
+    instance, _ = served
+    data = png_bytes(sample_image(12))
+    status, _, body = post(instance, "/predictions/tiny/1.0", data)
+    assert status == 200 and "explanations" not in answer_json(body)["images"][0]
+    # TorchServe forwards the query string on its legacy route: the parameters apply.
+    status, _, body = post(instance, "/tiny/1.0/predict?target=3&output=summary", data)
+    assert status == 200, body
+    exps = answer_json(body)["images"][0]["explanations"]
+    assert [e["target"]["index"] for e in exps] == [3] and "summary" in exps[0] and "png" not in exps[0]
+
+
+def test_multipart_request_with_json_params(served):
+    instance, exports = served
+    images = [sample_image(13), sample_image(14, (30, 30))]
+    body, ctype = multipart([("a", "image/png", png_bytes(images[0])), ("b", "image/png", png_bytes(images[1])),
+                             ("params", "application/json", json.dumps({"target": [1, 4], "output": "array"}).encode())])
+    status, _, raw = post(instance, "/predictions/tiny/1.0", body, ctype)
+    assert status == 200, raw
+    ans = answer_json(raw)
+    direct = direct_explanation(exports["1.0"], images, [[1, 4], [1, 4]], ["gradcam"])
+    assert [i["field"] for i in ans["images"]] == ["a", "b"]
+    for i, img in enumerate(ans["images"]):
+        for t, e in enumerate(img["explanations"]):
+            np.testing.assert_allclose(array_of(e), direct.cams["gradcam"][i][t], atol=5e-4)
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    idat = zlib.compress(b"\x00" * (side + 1) * 8, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+BAD = {
+    "empty": (b"", None, 415, "not_an_image"),
+    "text": (b"this is not an image at all", None, 415, "not_an_image"),
+    "truncated": ("jpeg-cut", None, 415, "not_an_image"),
+    "bomb": ("bomb", None, 413, "image_too_large"),
+    "method": ("good", "methods=nosuchcam", 400, "bad_parameter"),
+    "class": ("good", "target=7", 400, "bad_parameter"),
+    "malformed": ("good", "topk=x", 400, "bad_parameter"),
+}
+
+
+def bad_body(kind):
+    import cv2
+
+    if kind == "good":
+        return png_bytes(sample_image(15))
+    if kind == "jpeg-cut":
+        return cv2.imencode(".jpg", sample_image(16))[1].tobytes()[:400]
+    if kind == "bomb":
+        return png_bomb()
+    return kind
+
+
+def test_bad_inputs_answer_4xx_and_the_worker_stays_up(served):
+    instance, _ = served
+    pids = worker_pids(instance, "1.0")
+    for name, (kind, params, code, error_kind) in BAD.items():
+        status, headers, body = post(instance, "/explanations/tiny/1.0", bad_body(kind), "application/octet-stream", params)
+        assert status == code, (name, body)
+        assert headers["content-type"].startswith("application/json")
+        error = answer_json(body)["error"]
+        assert error["kind"] == error_kind and error["message"], name
+    assert "20000 x 20000" in answer_json(post(instance, "/explanations/tiny/1.0", png_bomb(), "image/png")[2])["error"]["message"]
+    assert "'nosuchcam'" in answer_json(post(instance, "/explanations/tiny/1.0", bad_body("good"), params="methods=nosuchcam")[2])["error"]["message"]
+    status, _, _ = post(instance, "/explanations/tiny/1.0", bad_body("good"))
+    assert status == 200
+    assert worker_pids(instance, "1.0") == pids  # no restart
+
+
+def test_concurrent_requests_are_batched_and_bad_neighbours_fail_alone(served):
+    instance, _ = served
+    jobs = [("good", None)] * 4 + [(kind, params) for kind, params, _c, _k in BAD.values()]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: post(instance, "/explanations/tiny/1.0", bad_body(job[0]), "application/octet-stream", job[1]), jobs))
+    good = [answer_json(b) for s, _, b in results[:4]]
+    assert all(s == 200 for s, _, _ in results[:4])
+    assert all("explanations" in g["images"][0] for g in good)
+    assert max(g["batch"]["requests"] for g in good) > max(g["batch"]["images"] for g in good)  # shared a batch with bad ones
+    for (status, _, body), (_kind, _p, code, kind) in zip(results[4:], BAD.values()):
+        assert status == code and answer_json(body)["error"]["kind"] == kind
+
+
+def test_two_versions_side_by_side(served):
+    instance, exports = served
+    data = png_bytes(sample_image(17))
+    answers = {}
+    for version in ("1.0", "2.0"):
+        status, _, body = post(instance, f"/predictions/tiny/{version}", data)
+        assert status == 200
+        answers[version] = answer_json(body)
+        assert answers[version]["model"]["version"] == version
+        direct = direct_explanation(exports[version], [sample_image(17)], [cam.TopK(1)], ["gradcam"])
+        assert answers[version]["images"][0]["predictions"][0]["score"] == pytest.approx(softmax(direct.logits[0].astype(np.float64)).max(), abs=1e-5)
+    assert answers["1.0"]["model"]["graph_sha256"] != answers["2.0"]["model"]["graph_sha256"]
+    status, _, body = post(instance, "/predictions/tiny", data)  # default: the highest version
+    assert status == 200 and answer_json(body)["model"]["version"] == "2.0"
+
+
+def test_metrics_endpoint_counts_and_histogram_moves(served):
+    instance, _ = served
+
+    def scrape():
+        status, _, body = http("GET", instance.metrics_url + "/metrics")
+        assert status == 200
+        return parse_prometheus(body.decode())
+
+    def total(samples, name, **labels):
+        return sum(v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == w for k, w in labels.items()))
+
+    before = scrape()
+    for _ in range(3):
+        assert post(instance, "/explanations/tiny/2.0", bad_body("good"))[0] == 200
+    assert post(instance, "/explanations/tiny/2.0", b"nope")[0] == 415
+    after = scrape()
+    v = {"model_name": "tiny", "model_version": "2.0"}
+    assert total(after, "camserve_requests_total", **v) - total(before, "camserve_requests_total", **v) == 4
+    assert total(after, "camserve_errors_total", kind="not_an_image", **v) - total(before, "camserve_errors_total", kind="not_an_image", **v) == 1
+    count = "camserve_explain_latency_seconds_count"
+    assert total(after, count, method="gradcam", **v) - total(before, count, method="gradcam", **v) == 3
+    assert total(after, "camserve_explain_latency_seconds_sum", **v) > total(before, "camserve_explain_latency_seconds_sum", **v)
+    for name in ("camserve_inference_latency_seconds_count", "camserve_preprocess_latency_seconds_count", "camserve_batch_size_count"):
+        assert total(after, name, **v) - total(before, name, **v) == 3, name
+
+
+def test_safe_defaults_on_the_running_server(served):
+    instance, _ = served
+    conf = (instance.run_dir / "config.properties").read_text()
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert f"{key}=http://127.0.0.1:" in conf
+    assert "grpc_inference_address=127.0.0.1" in conf and "metrics_mode=prometheus" in conf
+    status, _, _ = http("GET", instance.management_url + "/models")
+    assert status in (400, 401, 403)  # no token
+    status, _, _ = post(instance, "/predictions/tiny/1.0", bad_body("good"), token=False)
+    assert status in (400, 401, 403)
+    auth = {"Authorization": f"Bearer {instance.key('management')}"}
+    status, _, _ = http("POST", instance.management_url + "/models?url=http://127.0.0.1:9/x.mar", b"", auth)
+    assert status == 405  # registration API off
+    assert worker_pids(instance, "1.0")
+
+
+def test_client_writes_overlays_and_json(served, tmp_path, capsys):
+    from camserve.cli import main
+
+    instance, _ = served
+    image = tmp_path / "sample.png"
+    image.write_bytes(png_bytes(sample_image(18)))
+    argv = ["explain", str(image), "--url", instance.inference_url, "--model", "tiny", "--version", "1.0", "--run-dir", str(instance.run_dir)]
+    assert main(argv + ["--target", "topk", "--topk", "2"]) == 0
+    answer = json.loads((tmp_path / "sample.camserve.json").read_text())
+    overlays = sorted(tmp_path.glob("sample.gradcam.*.overlay.png"))
+    assert len(overlays) == 2 and all(decode(p.read_bytes(), 10**6).shape == (48, 40, 3) for p in overlays)
+    assert "overlay" not in answer["images"][0]["explanations"][0]  # moved to the file
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(argv[:1] + [str(tmp_path / "bad.png")] + argv[2:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HTTP 415" in err and "bad.png" in err
+
+
+def test_java_detection_messages(tmp_path):
+    with pytest.raises(ServerError, match="apt-get install openjdk-17-jre-headless"):
+        find_java({"PATH": str(tmp_path)})
+    with pytest.raises(ServerError, match="has no bin/java"):
+        find_java({"JAVA_HOME": str(tmp_path)})
+    old = tmp_path / "old" / "bin"
+    old.mkdir(parents=True)
+    (old / "java").write_text('#!/bin/sh\necho \'java version "1.8.0_292"\' >&2\n')
+    (old / "java").chmod(stat.S_IRWXU)
+    with pytest.raises(ServerError, match="Java 8, too old"):
+        find_java({"JAVA_HOME": str(old.parent)})
+    if os.environ.get("JAVA_HOME") or __import__("shutil").which("java"):
+        assert Path(find_java()).name == "java"
+
+
+def test_properties_open_inference_only_when_asked(tmp_path):
+    config = Config()
+    text = properties(config, tmp_path, tmp_path, [], inference_host="0.0.0.0")
+    assert "inference_address=http://0.0.0.0:8080" in text and "management_address=http://127.0.0.1:8081" in text
+    assert "disable_token_authorization=false" in text and "enable_model_api=false" in text
+    assert "grpc_management_port=7071" in text
