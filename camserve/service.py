@@ -29,6 +29,7 @@ Answer schema ``camserve/1`` (see the README for a real example)::
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 import urllib.parse
@@ -130,6 +131,7 @@ class _Item:
     preprocess_s: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     batch: int = 0
+    sha256: list[str] = field(default_factory=list)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -183,7 +185,8 @@ class Service:
     """Serves batches of requests with one graph session (see the module docstring)."""
 
     def __init__(self, session: Any, limits: Limits | None = None, recorder: Recorder | None = None,
-                 explain: Callable[..., Any] | None = None, name: str | None = None, version: str | None = None) -> None:
+                 explain: Callable[..., Any] | None = None, name: str | None = None, version: str | None = None,
+                 hooks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
         from . import cam
 
         self.session = session
@@ -195,6 +198,10 @@ class Service:
         self.explain = explain or cam.explain
         self.methods = tuple(cam.available_methods())
         self.labels = list(self.manifest.labels)
+        #: Called once per request with :meth:`record` (the audit log's entry point). A hook
+        #: that raises a CamserveError turns that request's answer into that error
+        #: (e.g. 503 when no record can be written and the policy is fail-closed).
+        self.hooks = list(hooks or [])
 
     # ------------------------------------------------------------------ stages ---
 
@@ -222,6 +229,7 @@ class Service:
             except CamserveError as exc:
                 raise type(exc)(f"image {name!r}: {exc}") from None
             item.names.append(name)
+            item.sha256.append(hashlib.sha256(data).hexdigest())
         item.preprocess_s = time.perf_counter() - start
 
     def _targets(self, params: RequestParams) -> Any:
@@ -300,11 +308,11 @@ class Service:
                       params: RequestParams) -> list[dict[str, Any]]:
         classes = [int(c) for c in np.asarray(result["classes"][i]).ravel()]
         out = []
-        size = (int(rgb.shape[0]), int(rgb.shape[1]))
+        size = (int(rgb.shape[0]), int(rgb.shape[1]))  # summaries and overlays at the input's size
         for method in params.methods:
             cams = np.asarray(result["cams"][method][i], dtype=np.float32)  # [T, h, w]
-            full = render.resize_maps(render.check_cams(cams), size)
-            summaries = render.summarize(full, image_size=size).as_dicts()
+            cams = render.check_cams(cams)
+            summaries = render.summarize(cams, image_size=size).as_dicts()  # in input-image pixels
             pngs = render.heatmap_png(cams) if "png" in params.output else None
             raw = render.to_float16(cams) if "array" in params.output else None
             for t, cls in enumerate(classes):
@@ -312,7 +320,7 @@ class Service:
                 if pngs is not None:
                     entry["png"] = base64.b64encode(pngs[t]).decode("ascii")
                 if "overlay" in params.output:
-                    entry["overlay"] = base64.b64encode(render.overlay_bytes(rgb, full[t], "png")).decode("ascii")
+                    entry["overlay"] = base64.b64encode(render.overlay_bytes(rgb, cams[t], "png")).decode("ascii")
                 if raw is not None:
                     entry["array"] = render.to_float16(cams[t : t + 1]).to_json()
                 out.append(entry)
@@ -352,34 +360,69 @@ class Service:
         encode_total = 0.0
         for item in items:
             start = time.perf_counter()
+            body: dict[str, Any] | None = None
             if item.error is None:
                 try:
-                    answer = self._answer(item, results[id(item)])
+                    body = self._body(item, results[id(item)], len(requests), start)
                 except Exception as exc:  # noqa: BLE001 - one bad answer must not fail the batch
                     item.error = exc
-            if item.error is not None:
+            if self.hooks:
+                try:
+                    record = self.record(item, body)
+                    for hook in self.hooks:
+                        hook(record)
+                except CamserveError as exc:
+                    item.error, body = exc, None
+            if item.error is not None or body is None:
                 responses.append(self.error_response(item.request, item.error))
                 continue
-            encode_s = time.perf_counter() - start
-            encode_total += encode_s
-            t = item.timings
-            body = {
-                "schema": SCHEMA,
-                "request_id": item.request.request_id,
-                "model": self.model_info(),
-                **answer,
-                "timings_ms": {
-                    "preprocess": _ms(item.preprocess_s),
-                    "inference": _ms(t.get("inference", 0.0)),
-                    "cam": _ms(t.get("cam", 0.0)),
-                    "encode": _ms(encode_s),
-                },
-                "batch": {"requests": len(requests), "images": item.batch},
-            }
+            encode_total += body["timings_ms"]["encode"] / 1000.0
             responses.append(Response(200, json.dumps(body).encode()))
         if good:
             self.recorder.encode(encode_total)
         return responses
+
+    def _body(self, item: _Item, result: dict[str, Any], n_requests: int, start: float) -> dict[str, Any]:
+        answer = self._answer(item, result)
+        t = item.timings
+        return {
+            "schema": SCHEMA,
+            "request_id": item.request.request_id,
+            "model": self.model_info(),
+            **answer,
+            "timings_ms": {
+                "preprocess": _ms(item.preprocess_s),
+                "inference": _ms(t.get("inference", 0.0)),
+                "cam": _ms(t.get("cam", 0.0)),
+                "encode": _ms(time.perf_counter() - start),
+            },
+            "batch": {"requests": n_requests, "images": item.batch},
+        }
+
+    def record(self, item: _Item, body: dict[str, Any] | None) -> dict[str, Any]:
+        """What the audit log stores for one request (no image bytes, no heatmaps)."""
+        error = item.error
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "request_id": item.request.request_id,
+            "model": self.model_info(),
+            "input_sha256": list(item.sha256),
+            "image_sizes": [[int(i.shape[1]), int(i.shape[0])] for i in item.images],
+            "outcome": "answered" if error is None else getattr(error, "kind", "internal_error"),
+            "status": 200 if error is None else getattr(error, "status", 500),
+        }
+        if body is not None:
+            record["images"] = [
+                {
+                    "predictions": img["predictions"],
+                    "explanations": [{"method": e["method"], "target": e["target"], "summary": e["summary"]} for e in img.get("explanations", [])],
+                }
+                for img in body["images"]
+            ]
+            record["timings_ms"] = body["timings_ms"]
+        else:
+            record["error"] = str(error)
+        return record
 
     def error_response(self, request: Request, exc: Exception) -> Response:
         """A JSON error body; unexpected exceptions become 500 ``internal_error``."""

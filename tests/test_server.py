@@ -33,7 +33,8 @@ from camserve import cam
 from camserve.config import Config
 from camserve.imageio import decode
 from camserve.metrics import parse_prometheus
-from camserve.server import ServerError, find_java, properties, start, stop
+from camserve.cli import main
+from camserve.server import Instance, ServerError, _alive, find_java, properties
 
 pytestmark = pytest.mark.server
 
@@ -50,17 +51,17 @@ def served(tmp_path_factory):
     store = tmp_path_factory.mktemp("model_store")
     build_archive(exports["1.0"], name="tiny", version="1.0", model_store=store)
     build_archive(exports["2.0"], name="tiny", version="2.0", model_store=store, mar_name="tiny-2.0")
-    config = Config().with_overrides(
-        {"server": {**{p: 0 for p in PORTS}, "batch_size": 8, "max_batch_delay_ms": 150}, "runtime": {"ort_threads": 1}}
-    )
     run_dir = tmp_path_factory.mktemp("serve_run")
-    instance = None
+    ports = [a for p in PORTS for a in (f"--{p.replace('_port', '').replace('_', '-')}-port", "0")]
+    argv = ["serve", "--model-store", str(store), "--run-dir", str(run_dir), *ports,
+            "--batch-size", "8", "--max-batch-delay", "150", "--ort-threads", "1"]
     try:
-        instance = start(config, run_dir=run_dir, model_store=store)
-        yield instance, exports
+        assert main(argv) == 0  # the real CLI: camserve serve ... (returns once every worker is READY)
+        yield Instance.load(run_dir), exports
     finally:
         if (run_dir / "state.json").exists() or (run_dir / "tmp" / ".model_server.pid").exists():
-            stop(run_dir)
+            main(["stop", "--run-dir", str(run_dir)])
+    assert not _alive(Instance.load(run_dir).pid)
 
 
 def post(instance, path, data, ctype="image/png", params=None, token=True, extra=None):
@@ -248,8 +249,6 @@ def test_safe_defaults_on_the_running_server(served):
 
 
 def test_client_writes_overlays_and_json(served, tmp_path, capsys):
-    from camserve.cli import main
-
     instance, _ = served
     image = tmp_path / "sample.png"
     image.write_bytes(png_bytes(sample_image(18)))

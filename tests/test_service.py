@@ -165,3 +165,30 @@ def test_random_bytes_never_escape_as_exceptions(session):
         assert response.status in (200, 400, 413, 415)
         body = json.loads(response.body)
         assert ("images" in body) == (response.status == 200)
+
+
+def test_audit_hook_gets_one_record_per_request_and_can_refuse(session):
+    import hashlib
+
+    from camserve.errors import CamserveError
+
+    records = []
+    service = Service(session, hooks=[records.append])
+    good = png_bytes(sample_image(10, (36, 44)))
+    out = answers(service, [Request({"body": good}, "ok", True), Request({"body": b"junk"}, "bad", True)])
+    assert [s for s, _ in out] == [200, 415]
+    ok, bad = records
+    assert ok["request_id"] == "ok" and ok["outcome"] == "answered" and ok["status"] == 200
+    assert ok["input_sha256"] == [hashlib.sha256(good).hexdigest()] and ok["image_sizes"] == [[44, 36]]
+    assert ok["images"][0]["explanations"][0]["summary"] == out[0][1]["images"][0]["explanations"][0]["summary"]
+    assert "png" not in ok["images"][0]["explanations"][0]
+    assert bad["outcome"] == "not_an_image" and bad["status"] == 415 and "error" in bad
+
+    class SinkDown(CamserveError):
+        kind, status = "audit_unavailable", 503
+
+    def refuse(record):
+        raise SinkDown("audit sink unavailable (fail-closed)")
+
+    status, body = answers(Service(session, hooks=[refuse]), [Request({"body": good}, "x", True)])[0]
+    assert status == 503 and body["error"]["kind"] == "audit_unavailable"
