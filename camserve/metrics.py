@@ -128,3 +128,57 @@ def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+def dashboard() -> dict[str, Any]:
+    """A Grafana dashboard over exactly the metric names above (``grafana/camserve-dashboard.json``).
+
+    Regenerate the file with ``python -m camserve.metrics > grafana/camserve-dashboard.json``.
+    """
+    sel = '{model_name=~"$model", model_version=~"$version"}'
+
+    def quantiles(metric: str, by: str) -> list[dict[str, str]]:
+        return [
+            {"expr": f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{sel}[5m])))",
+             "legendFormat": f"p{int(q * 100)} {{{{{by.replace(', ', '}} {{')}}}}}"}
+            for q in (0.5, 0.95)
+        ]
+
+    panels = [
+        ("Explanation latency by method (s)", quantiles(EXPLAIN_LATENCY, "model_version, method"), "s"),
+        ("Inference latency per batch (s)", quantiles(INFERENCE_LATENCY, "model_version"), "s"),
+        ("Preprocess latency per batch (s)", quantiles(PREPROCESS_LATENCY, "model_version"), "s"),
+        ("Encode latency per batch (s)", quantiles(ENCODE_LATENCY, "model_version"), "s"),
+        ("Requests per second", [{"expr": f"sum by (model_version) (rate({REQUESTS}{sel}[5m]))", "legendFormat": "{{model_version}}"}], "reqps"),
+        ("Errors per second by kind", [{"expr": f"sum by (kind) (rate({ERRORS}{sel}[5m]))", "legendFormat": "{{kind}}"}], "reqps"),
+        ("Mean images per ONNX Runtime call", [{"expr": f"sum(rate({BATCH_SIZE}_sum{sel}[5m])) / sum(rate({BATCH_SIZE}_count{sel}[5m]))", "legendFormat": "batch"}], "short"),
+    ]
+
+    def variable(name: str, label_name: str) -> dict[str, Any]:
+        return {"name": name, "type": "query", "datasource": "${datasource}", "includeAll": True, "multi": True,
+                "query": f"label_values({REQUESTS}, {label_name})", "refresh": 2}
+
+    return {
+        "title": "camserve",
+        "uid": "camserve",
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "templating": {"list": [
+            {"name": "datasource", "type": "datasource", "query": "prometheus"},
+            variable("model", "model_name"),
+            variable("version", "model_version"),
+        ]},
+        "panels": [
+            {"id": i + 1, "type": "timeseries", "title": title, "datasource": "${datasource}",
+             "gridPos": {"x": 12 * (i % 2), "y": 8 * (i // 2), "w": 12, "h": 8},
+             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+             "targets": [dict(t, refId=chr(65 + j)) for j, t in enumerate(targets)]}
+            for i, (title, targets, unit) in enumerate(panels)
+        ],
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(dashboard(), indent=2))

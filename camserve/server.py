@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -32,53 +31,14 @@ from typing import Any
 
 from .config import CONFIG_ENV, Config, load_config, to_env
 from .errors import CamserveError
+from .java import find_java
 from .metrics import write_metrics_config
-
-JAVA_HINT = (
-    "TorchServe needs a Java runtime 11 or newer: install one (Debian/Ubuntu: "
-    "`apt-get install openjdk-17-jre-headless`) or set JAVA_HOME to a JDK/JRE folder"
-)
-
 
 class ServerError(CamserveError):
     """TorchServe cannot be started, found or stopped."""
 
     kind = "server_error"
     status = 500
-
-
-# ------------------------------------------------------------------------ java ---
-
-
-def java_version(java: str) -> int:
-    """Major version of a ``java`` binary (8 for "1.8.0_x", 17 for "17.0.2")."""
-    try:
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
-    except OSError as exc:
-        raise ServerError(f"cannot run {java}: {exc.strerror}. {JAVA_HINT}") from None
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
-    if not match:
-        raise ServerError(f"cannot read the version of {java}. {JAVA_HINT}")
-    major, minor = int(match.group(1)), int(match.group(2) or 0)
-    return minor if major == 1 else major
-
-
-def find_java(env: dict[str, str] | None = None) -> str:
-    """``$JAVA_HOME/bin/java`` or ``java`` on PATH, version 11+, else a clear :class:`ServerError`."""
-    env = dict(os.environ) if env is None else env
-    home = env.get("JAVA_HOME")
-    if home:
-        java = str(Path(home) / "bin" / "java")
-        if not os.access(java, os.X_OK):
-            raise ServerError(f"JAVA_HOME={home} has no bin/java. {JAVA_HINT}")
-    else:
-        java = shutil.which("java", path=env.get("PATH")) or ""
-        if not java:
-            raise ServerError(f"no Java runtime found (JAVA_HOME unset, no java on PATH). {JAVA_HINT}")
-    major = java_version(java)
-    if major < 11:
-        raise ServerError(f"{java} is Java {major}, too old. {JAVA_HINT}")
-    return java
 
 
 # ---------------------------------------------------------------------- config ---
@@ -280,8 +240,10 @@ def start(
     java = find_java()
     if (run_dir / "state.json").is_file() and _alive(Instance.load(run_dir).pid):
         raise ServerError(f"a server from {run_dir} is already running (camserve stop --run-dir {run_dir})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # it will hold the API keys
     for sub in ("logs", "tmp"):
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / sub).mkdir(exist_ok=True)
     config = resolve_ports(config)
     write_metrics_config(run_dir / "metrics.yaml")
     (run_dir / "config.properties").write_text(properties(config, run_dir, store, mars, inference_host))
@@ -320,6 +282,9 @@ def start(
         except ServerError:
             stop(run_dir)
             raise
+    keys = run_dir / "key_file.json"
+    if keys.exists():
+        keys.chmod(0o600)
     return instance
 
 

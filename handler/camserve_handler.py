@@ -16,7 +16,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 from camserve.config import load_config  # noqa: E402
 from camserve.metrics import Recorder  # noqa: E402
 from camserve.runtime import GraphSession, default_providers  # noqa: E402
-from camserve.service import PARAMS_HEADER, Request, Service, header  # noqa: E402
+from camserve.request import PARAMS_HEADER, Request, header  # noqa: E402
+from camserve.service import Service  # noqa: E402
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 

@@ -34,7 +34,8 @@ from camserve.config import Config
 from camserve.imageio import decode
 from camserve.metrics import parse_prometheus
 from camserve.cli import main
-from camserve.server import Instance, ServerError, _alive, find_java, properties
+from camserve.java import JavaError, find_java
+from camserve.server import Instance, _alive, properties
 
 pytestmark = pytest.mark.server
 
@@ -238,6 +239,8 @@ def test_safe_defaults_on_the_running_server(served):
     for key in ("inference_address", "management_address", "metrics_address"):
         assert f"{key}=http://127.0.0.1:" in conf
     assert "grpc_inference_address=127.0.0.1" in conf and "metrics_mode=prometheus" in conf
+    assert stat.S_IMODE(instance.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((instance.run_dir / "key_file.json").stat().st_mode) == 0o600
     status, _, _ = http("GET", instance.management_url + "/models")
     assert status in (400, 401, 403)  # no token
     status, _, _ = post(instance, "/predictions/tiny/1.0", bad_body("good"), token=False)
@@ -266,15 +269,15 @@ def test_client_writes_overlays_and_json(served, tmp_path, capsys):
 
 
 def test_java_detection_messages(tmp_path):
-    with pytest.raises(ServerError, match="apt-get install openjdk-17-jre-headless"):
+    with pytest.raises(JavaError, match="apt-get install openjdk-17-jre-headless"):
         find_java({"PATH": str(tmp_path)})
-    with pytest.raises(ServerError, match="has no bin/java"):
+    with pytest.raises(JavaError, match="has no bin/java"):
         find_java({"JAVA_HOME": str(tmp_path)})
     old = tmp_path / "old" / "bin"
     old.mkdir(parents=True)
     (old / "java").write_text('#!/bin/sh\necho \'java version "1.8.0_292"\' >&2\n')
     (old / "java").chmod(stat.S_IRWXU)
-    with pytest.raises(ServerError, match="Java 8, too old"):
+    with pytest.raises(JavaError, match="Java 8, too old"):
         find_java({"JAVA_HOME": str(old.parent)})
     if os.environ.get("JAVA_HOME") or __import__("shutil").which("java"):
         assert Path(find_java()).name == "java"

@@ -12,7 +12,8 @@ from camserve import cam
 from camserve.config import Limits
 from camserve.imageio import decode
 from camserve.runtime import GraphSession
-from camserve.service import Request, Service, header_source, split_fields
+from camserve.request import Request, header_source, split_fields
+from camserve.service import Service
 
 
 class Counting:
