@@ -289,3 +289,32 @@ def test_properties_open_inference_only_when_asked(tmp_path):
     assert "inference_address=http://0.0.0.0:8080" in text and "management_address=http://127.0.0.1:8081" in text
     assert "disable_token_authorization=false" in text and "enable_model_api=false" in text
     assert "grpc_management_port=7071" in text
+
+
+def test_archive_refuses_bad_exports_and_overwrites(served, tmp_path):
+    from camserve.archive import ArchiveError, build_archive
+
+    _instance, exports = served
+    with pytest.raises(ArchiveError, match="does not exist"):
+        build_archive(tmp_path / "nope", name="x", version="1", model_store=tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in exports["1.0"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    graph = broken / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ArchiveError, match="sha256"):
+        build_archive(broken, name="x", version="1", model_store=tmp_path)
+    with pytest.raises(ArchiveError, match="model name"):
+        build_archive(exports["1.0"], name="a/b", version="1", model_store=tmp_path)
+    path = build_archive(exports["1.0"], name="x", version="3.1", model_store=tmp_path)
+    with pytest.raises(ArchiveError, match="--force"):
+        build_archive(exports["1.0"], name="x", version="3.1", model_store=tmp_path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        meta = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+        config = zf.read("model-config.yaml").decode()
+    assert {"model.onnx", "manifest.json", "camserve_handler.py", "model-config.yaml"} <= names
+    assert meta["modelVersion"] == "3.1" and "batchSize: 8" in config

@@ -193,3 +193,19 @@ def test_audit_hook_gets_one_record_per_request_and_can_refuse(session):
 
     status, body = answers(Service(session, hooks=[refuse]), [Request({"body": good}, "x", True)])[0]
     assert status == 503 and body["error"]["kind"] == "audit_unavailable"
+
+
+def test_smoothing_flags_reach_the_cam_module(export_dir, session):
+    service = Service(session)
+    rgb = sample_image(19)
+    status, body = answers(service, [Request({"body": png_bytes(rgb)}, "s", True, "aug_smooth=true&eigen_smooth=true&output=array&methods=gradcam")])[0]
+    assert status == 200
+    from camserve import imageio
+
+    m = session.manifest
+    batch = imageio.preprocess([rgb], m.input_size, m.mean, m.std, m.channel_order)
+    direct = cam.explain(session, batch, [cam.TopK(1)], ["gradcam"], eigen_smooth=True, aug_smooth=True)
+    plain = cam.explain(session, batch, [cam.TopK(1)], ["gradcam"])
+    got = array_of(body["images"][0]["explanations"][0])
+    np.testing.assert_allclose(got, direct.cams["gradcam"][0][0], atol=5e-4)
+    assert np.abs(got - plain.cams["gradcam"][0][0]).max() > 1e-2  # the flags changed the map
