@@ -112,6 +112,21 @@ def resolve_ports(config: Config) -> Config:
     return config.with_overrides({"server": ports}) if ports else config
 
 
+def check_ports(config: Config, inference_host: str | None = None) -> None:
+    """Refuse ports already taken, before starting: a gRPC clash would kill the server later."""
+    s = config.server
+    for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+        host = inference_host if name == "inference_port" and inference_host else s.host
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, getattr(s, name)))
+            except OSError as exc:
+                raise ServerError(
+                    f"{name.replace('_', ' ')} {getattr(s, name)} on {host} is not available ({exc.strerror}); "
+                    f"choose another with --{name.replace('_', '-')} (0 = a free one)"
+                ) from None
+
+
 def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path], inference_host: str | None) -> str:
     """The generated ``config.properties`` text."""
     s = config.server
@@ -192,7 +207,8 @@ def wait_ready(instance: Instance, timeout: float, proc_alive=lambda: True) -> N
         if all(set(v) <= set(ready.get(name, [])) for name, v in instance.models.items()):
             return
         if not proc_alive():
-            raise ServerError(f"TorchServe exited during start; see {instance.run_dir / 'logs'}")
+            reason = start_error(instance.run_dir)
+            raise ServerError(f"TorchServe exited during start ({reason or 'no reason logged'}); see {instance.run_dir / 'logs'}")
         time.sleep(0.5)
     raise ServerError(
         f"no READY worker for every model after {timeout:.0f} s; see {instance.run_dir / 'logs' / 'model_log.log'}:\n"
@@ -245,6 +261,7 @@ def start(
     for sub in ("logs", "tmp"):
         (run_dir / sub).mkdir(exist_ok=True)
     config = resolve_ports(config)
+    check_ports(config, inference_host)
     write_metrics_config(run_dir / "metrics.yaml")
     (run_dir / "config.properties").write_text(properties(config, run_dir, store, mars, inference_host))
     identities: dict[str, list[str]] = {}
@@ -288,6 +305,43 @@ def start(
     return instance
 
 
+def instance_processes(run_dir: Path, pid: int) -> list:
+    """The frontend of ``run_dir`` (if alive), its children, and workers it left behind.
+
+    Workers are recognised by their socket path, which lies in this instance's own tmp
+    folder: a frontend that dies during start leaves its worker running otherwise.
+    """
+    import psutil
+
+    procs = {}
+    try:
+        frontend = psutil.Process(pid)
+        if "org.pytorch.serve.ModelServer" in frontend.cmdline():  # else the pid was reused
+            procs[frontend.pid] = frontend
+            procs.update((c.pid, c) for c in frontend.children(recursive=True))
+    except psutil.Error:
+        pass
+    marker = f"{run_dir / 'tmp' / '.ts.sock'}."
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in arg for arg in proc.info["cmdline"] or []):
+                procs.setdefault(proc.pid, proc)
+        except psutil.Error:
+            continue
+    return list(procs.values())
+
+
+def start_error(run_dir: Path) -> str:
+    """The first line of the frontend's console that says why it stopped."""
+    console = run_dir / "logs" / "console.log"
+    lines = console.read_text(errors="replace").splitlines() if console.is_file() else []
+    for pattern in ("already in use", "Exception", "ERROR", "rror"):
+        for line in lines:
+            if pattern in line:
+                return line.strip()[:300]
+    return ""
+
+
 def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
     """Stop the instance of ``run_dir`` (frontend and its workers). False if none was running."""
     import psutil
@@ -300,12 +354,8 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
         pid = int(pid_file.read_text().split()[0])
     else:
         raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)")
-    try:
-        frontend = psutil.Process(pid)
-        if "org.pytorch.serve.ModelServer" not in frontend.cmdline():
-            return False  # the pid was reused by something else: not ours to stop
-        procs = [frontend, *frontend.children(recursive=True)]
-    except psutil.Error:
+    procs = instance_processes(run_dir, pid)
+    if not procs:
         return False
     torchserve = Path(sys.executable).parent / "torchserve"
     subprocess.run(

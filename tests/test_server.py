@@ -318,3 +318,20 @@ def test_archive_refuses_bad_exports_and_overwrites(served, tmp_path):
         config = zf.read("model-config.yaml").decode()
     assert {"model.onnx", "manifest.json", "camserve_handler.py", "model-config.yaml"} <= names
     assert meta["modelVersion"] == "3.1" and "batchSize: 8" in config
+
+
+def test_taken_port_is_refused_before_starting(tmp_path):
+    import socket
+
+    from camserve.server import ServerError, start
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "x.mar").write_bytes(b"")  # never read: the port check comes first
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        config = Config().with_overrides({"server": {**{p: 0 for p in PORTS}, "grpc_inference_port": taken}})
+        with pytest.raises(ServerError, match=f"grpc inference port {taken} on 127.0.0.1 is not available"):
+            start(config, run_dir=tmp_path / "run", model_store=tmp_path / "store")
+    assert not (tmp_path / "run" / "state.json").exists()
