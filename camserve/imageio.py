@@ -177,28 +177,31 @@ def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def to_rgb8(image: np.ndarray) -> np.ndarray:
-    """OpenCV's unchanged decode (gray, BGR or BGRA; 8 or 16 bit) -> uint8 RGB [H, W, 3]."""
+    """OpenCV's unchanged decode (gray, BGR or BGRA; 8 or 16 bit) -> uint8 RGB [H, W, 3].
+
+    Stays in uint8 (OpenCV colour conversions) unless there is real transparency to blend,
+    so a large opaque image costs no float copy.
+    """
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # exact round(v / 257)
+    elif image.dtype != np.uint8:
+        raise NotAnImage(f"unsupported pixel type {image.dtype}")
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.dtype == np.uint16:
-        data = image.astype(np.float32) / 257.0
-    elif image.dtype == np.uint8:
-        data = image.astype(np.float32)
-    else:
-        raise NotAnImage(f"unsupported pixel type {image.dtype}")
-    channels = data.shape[2]
-    if channels in (2, 4) and not data[:, :, -1].any():  # 32-bit BMPs often leave alpha unused (0)
-        data = data[:, :, :-1]
-    elif channels in (2, 4):  # gray+alpha or BGRA: composite over a white background
-        alpha = data[:, :, -1:] / 255.0
-        data = data[:, :, :-1] * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
-    if data.shape[2] == 1:
-        data = np.repeat(data, 3, axis=2)
-    elif data.shape[2] == 3:
-        data = data[:, :, ::-1]  # BGR -> RGB
-    else:
-        raise NotAnImage(f"unsupported channel count {channels}")
-    return np.ascontiguousarray(np.clip(np.rint(data), 0, 255).astype(np.uint8))
+    channels = image.shape[2]
+    if channels in (2, 4):
+        alpha = image[:, :, -1]
+        if alpha.min() == 255 or alpha.max() == 0:  # opaque, or unused (32-bit BMPs often write 0)
+            image = image[:, :, :-1]
+        else:  # composite over a white background
+            a = alpha[:, :, None].astype(np.float32) / 255.0
+            blended = image[:, :, :-1].astype(np.float32) * a + ALPHA_BACKGROUND * (1.0 - a)
+            image = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise NotAnImage(f"unsupported channel count {channels}")
 
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray:

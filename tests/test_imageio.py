@@ -178,3 +178,16 @@ def test_preprocess_matches_manual_formula():
     bgr = preprocess([RGB], (16, 24), mean, std, channel_order="BGR")
     flipped = ((resized[..., ::-1] - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
     np.testing.assert_allclose(bgr[0], flipped, rtol=1e-5, atol=1e-5)
+
+
+def test_gray_alpha_and_unused_alpha_channels():
+    from camserve.imageio import to_rgb8
+
+    ga = np.dstack([RGB[:, :, 0], np.full((30, 50), 255, np.uint8)])
+    np.testing.assert_array_equal(to_rgb8(ga), np.repeat(RGB[:, :, :1], 3, axis=2))  # opaque: the gray
+    ga[:, :10, 1] = 0
+    assert (to_rgb8(ga)[:, :10] == 255).all()  # transparent: white
+    bgr0 = np.dstack([RGB[:, :, ::-1], np.zeros((30, 50), np.uint8)])  # 32-bit BMP style, alpha unused
+    np.testing.assert_array_equal(to_rgb8(bgr0), RGB)
+    with pytest.raises(NotAnImage, match="pixel type float32"):
+        to_rgb8(RGB.astype(np.float32))
