@@ -41,7 +41,7 @@ from . import imageio, render
 from .config import Limits
 from .errors import CamserveError
 from .metrics import Recorder
-from .params import RequestParams, merge_sources, parse_params
+from .params import BadParameter, RequestParams, merge_sources, parse_params
 from .request import BodyTooLarge, Request, Response, TooManyImages, header_source, split_fields
 
 SCHEMA = "camserve/1"
@@ -84,6 +84,12 @@ class Service:
         self.recorder = recorder or Recorder(None, self.name, self.version)
         self.explain = explain or cam.explain
         self.methods = tuple(cam.available_methods())
+        #: Methods this export cannot run: AblationCAM needs the head graph.
+        self.unavailable = {
+            name: "it needs the head graph (re-export with head=True)"
+            for name in self.methods
+            if cam.get_method(name).source == "ablation" and not self.manifest.head_graph_file
+        }
         self.labels = list(self.manifest.labels)
         #: Called once per request with :meth:`record` (the audit log's entry point). A hook
         #: that raises a CamserveError turns that request's answer into that error
@@ -103,6 +109,9 @@ class Service:
             max_targets=self.limits.max_targets,
             max_methods=self.limits.max_methods,
         )
+        for method in item.params.methods if item.params.explain else ():
+            if method in self.unavailable:
+                raise BadParameter(f"method {method!r} is not available for model {self.name!r}: {self.unavailable[method]}")
         if not parts:
             raise imageio.NotAnImage("the request has no image: send image bytes as the body or as multipart parts")
         if len(parts) > self.limits.max_images_per_request:

@@ -90,6 +90,7 @@ def test_bad_requests_fail_alone_and_neighbours_get_answers(session):
         "malformed": ({"body": good}, "topk=three", 400, "bad_parameter", "topk='three'"),
         "header": ({"body": good}, "{not json", 400, "bad_parameter", "not valid JSON"),
         "typo": ({"body": good, "methdos": b"gradcam"}, None, 400, "unknown_parameter", "methdos"),
+        "ablation": ({"body": good}, "methods=ablationcam", 400, "bad_parameter", "needs the head graph"),
         "many": ({"a": good, "b": good, "c": good}, None, 413, "too_many_images", "3 images"),
     }
     reqs = [Request({"body": good}, "good-0", True)]
