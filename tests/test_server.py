@@ -181,14 +181,20 @@ def test_bad_inputs_answer_4xx_and_the_worker_stays_up(served):
 def test_concurrent_requests_are_batched_and_bad_neighbours_fail_alone(served):
     instance, _ = served
     jobs = [("good", None)] * 4 + [(kind, params) for kind, params, _c, _k in BAD.values()]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: post(instance, "/explanations/tiny/1.0", bad_body(job[0]), "application/octet-stream", job[1]), jobs))
-    good = [answer_json(b) for s, _, b in results[:4]]
-    assert all(s == 200 for s, _, _ in results[:4])
-    assert all("explanations" in g["images"][0] for g in good)
-    assert max(g["batch"]["requests"] for g in good) > max(g["batch"]["images"] for g in good)  # shared a batch with bad ones
-    for (status, _, body), (_kind, _p, code, kind) in zip(results[4:], BAD.values()):
-        assert status == code and answer_json(body)["error"]["kind"] == kind
+    shared = False
+    for _attempt in range(3):  # the server decides the batches; under heavy load retry the round
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: post(instance, "/explanations/tiny/1.0", bad_body(job[0]), "application/octet-stream", job[1]), jobs))
+        good = [answer_json(b) for s, _, b in results[:4]]
+        assert all(s == 200 for s, _, _ in results[:4])
+        assert all("explanations" in g["images"][0] for g in good)
+        for (status, _, body), (_kind, _p, code, kind) in zip(results[4:], BAD.values()):
+            assert status == code and answer_json(body)["error"]["kind"] == kind
+        # A good answer from a batch with more requests than images shared it with bad ones.
+        shared = any(g["batch"]["requests"] > g["batch"]["images"] for g in good)
+        if shared:
+            break
+    assert shared
 
 
 def test_two_versions_side_by_side(served):
@@ -335,3 +341,22 @@ def test_taken_port_is_refused_before_starting(tmp_path):
         with pytest.raises(ServerError, match=f"grpc inference port {taken} on 127.0.0.1 is not available"):
             start(config, run_dir=tmp_path / "run", model_store=tmp_path / "store")
     assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_concurrent_good_requests_share_one_model_call(served):
+    instance, exports = served
+    images = [sample_image(30 + i) for i in range(8)]
+    direct = direct_explanation(exports["1.0"], images, [cam.TopK(1)] * 8, ["gradcam"])
+    batched = False
+    for _attempt in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda img: post(instance, "/explanations/tiny/1.0", png_bytes(img), params="output=array"), images))
+        for i, (status, _, body) in enumerate(results):
+            assert status == 200
+            e = answer_json(body)["images"][0]["explanations"][0]
+            assert e["target"]["index"] == direct.classes[i][0]
+            np.testing.assert_allclose(array_of(e), direct.cams["gradcam"][i][0], atol=5e-4)
+        batched = any(answer_json(b)["batch"]["images"] > 1 for _, _, b in results)
+        if batched:
+            break
+    assert batched
