@@ -35,7 +35,7 @@ BATCH_SIZE = "camserve_batch_size"
 
 #: (name, type, unit, dimensions, help) for every metric the handler records.
 METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
-    (REQUESTS, "counter", "count", (MODEL, VERSION), "Requests (images) handled by the camserve handler"),
+    (REQUESTS, "counter", "count", (MODEL, VERSION), "Requests handled by the camserve handler (one per HTTP request)"),
     (ERRORS, "counter", "count", (MODEL, VERSION, KIND), "Requests refused or failed, by error kind"),
     (EXPLAIN_LATENCY, "histogram", "seconds", (MODEL, VERSION, METHOD), "CAM computation per batch and method"),
     (INFERENCE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "The ONNX Runtime call per batch"),

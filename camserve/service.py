@@ -11,7 +11,7 @@ call (prediction-only images likewise share one forward run). A request that fai
 (bad bytes, bad parameter, too large) gets a 4xx JSON error naming the problem and drops out
 before the model runs; its neighbours get full answers.
 
-Answer schema ``camserve/1`` (see the README for a real example)::
+Answer schema ``camserve/1`` (docs/serving.md has a real example)::
 
     {"schema": "camserve/1", "request_id": str,
      "model": {"name", "version", "graph_sha256"},
