@@ -24,6 +24,9 @@ from typing import Any
 from .errors import CamserveError
 
 
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
 class ClientError(CamserveError):
     kind = "client_error"
 
@@ -41,6 +44,17 @@ def token_from(args: argparse.Namespace) -> str | None:
         return json.loads(path.read_text())["inference"]["key"]
     except (ValueError, KeyError, TypeError):
         raise ClientError(f"key file {path} has no inference key") from None
+
+
+def server_url(run_dir: str | None) -> str:
+    """The inference address of ``camserve serve --run-dir RUN_DIR``, else the default one."""
+    state = Path(run_dir) / "state.json" if run_dir else None
+    if state is not None and state.is_file():
+        try:
+            return json.loads(state.read_text())["inference_url"]
+        except (ValueError, KeyError):
+            raise ClientError(f"{state} is not a camserve server state file") from None
+    return DEFAULT_URL
 
 
 def explain_url(url: str, model: str, version: str | None, route: str = "explanations") -> str:
@@ -109,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
         "aug_smooth": "true" if args.aug_smooth else None,
         "eigen_smooth": "true" if args.eigen_smooth else None,
     }
-    url = explain_url(args.url, args.model, args.version)
+    url = explain_url(args.url or server_url(args.run_dir), args.model, args.version)
     for name in args.images:
         image = Path(name)
         try:
@@ -132,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("explain", help="explain images with a running camserve server")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP)")
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="inference API address")
+    p.add_argument("--url", help=f"inference API address (default: the --run-dir server's, else {DEFAULT_URL})")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--version", help="model version (default: the server's default)")
     p.add_argument("--methods", help="comma-separated CAM methods (server default gradcam)")

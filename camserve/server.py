@@ -404,6 +404,8 @@ def _serve(args: argparse.Namespace) -> int:
         inference_host=args.inference_host,
         config_file=args.config,
     )
+    if args.inference_host and args.inference_host not in ("127.0.0.1", "localhost", "::1") and not config.server.token_auth:
+        print(f"camserve: warning: the inference API on {args.inference_host} accepts requests without a token", file=sys.stderr)
     print(f"camserve: serving {', '.join(f'{n} {v}' for n, vs in instance.models.items() for v in vs)}")
     print(f"  inference  {instance.inference_url}\n  management {instance.management_url}\n  metrics    {instance.metrics_url}/metrics")
     if instance.key("inference"):

@@ -261,7 +261,7 @@ def test_client_writes_overlays_and_json(served, tmp_path, capsys):
     instance, _ = served
     image = tmp_path / "sample.png"
     image.write_bytes(png_bytes(sample_image(18)))
-    argv = ["explain", str(image), "--url", instance.inference_url, "--model", "tiny", "--version", "1.0", "--run-dir", str(instance.run_dir)]
+    argv = ["explain", str(image), "--model", "tiny", "--version", "1.0", "--run-dir", str(instance.run_dir)]  # URL from the run folder
     assert main(argv + ["--target", "topk", "--topk", "2"]) == 0
     answer = json.loads((tmp_path / "sample.camserve.json").read_text())
     overlays = sorted(tmp_path.glob("sample.gradcam.*.overlay.png"))
@@ -360,3 +360,20 @@ def test_concurrent_good_requests_share_one_model_call(served):
         if batched:
             break
     assert batched
+
+
+def test_client_finds_url_and_token_in_the_run_folder(tmp_path):
+    import argparse
+
+    from camserve.client import ClientError, server_url, token_from
+
+    assert server_url(str(tmp_path)) == "http://127.0.0.1:8080"
+    (tmp_path / "state.json").write_text(json.dumps({"inference_url": "http://127.0.0.1:1234"}))
+    assert server_url(str(tmp_path)) == "http://127.0.0.1:1234"
+    args = argparse.Namespace(token=None, key_file=None, run_dir=str(tmp_path))
+    assert token_from(args) is None  # token auth off: no key file
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "abc"}}))
+    assert token_from(args) == "abc"
+    assert token_from(argparse.Namespace(token="xyz", key_file=None, run_dir=None)) == "xyz"
+    with pytest.raises(ClientError, match="does not exist"):
+        token_from(argparse.Namespace(token=None, key_file=str(tmp_path / "nope.json"), run_dir=None))
