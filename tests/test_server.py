@@ -7,12 +7,10 @@ against the CAM module run directly on the same images.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,12 +28,10 @@ from _server_fixture import (
     tiny_export,
 )
 from camserve import cam
-from camserve.config import Config
 from camserve.imageio import decode
 from camserve.metrics import parse_prometheus
 from camserve.cli import main
-from camserve.java import JavaError, find_java
-from camserve.server import Instance, _alive, properties
+from camserve.server import Instance, _alive
 
 pytestmark = pytest.mark.server
 
@@ -274,29 +270,6 @@ def test_client_writes_overlays_and_json(served, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "HTTP 415" in err and "bad.png" in err
 
 
-def test_java_detection_messages(tmp_path):
-    with pytest.raises(JavaError, match="apt-get install openjdk-17-jre-headless"):
-        find_java({"PATH": str(tmp_path)})
-    with pytest.raises(JavaError, match="has no bin/java"):
-        find_java({"JAVA_HOME": str(tmp_path)})
-    old = tmp_path / "old" / "bin"
-    old.mkdir(parents=True)
-    (old / "java").write_text('#!/bin/sh\necho \'java version "1.8.0_292"\' >&2\n')
-    (old / "java").chmod(stat.S_IRWXU)
-    with pytest.raises(JavaError, match="Java 8, too old"):
-        find_java({"JAVA_HOME": str(old.parent)})
-    if os.environ.get("JAVA_HOME") or __import__("shutil").which("java"):
-        assert Path(find_java()).name == "java"
-
-
-def test_properties_open_inference_only_when_asked(tmp_path):
-    config = Config()
-    text = properties(config, tmp_path, tmp_path, [], inference_host="0.0.0.0")
-    assert "inference_address=http://0.0.0.0:8080" in text and "management_address=http://127.0.0.1:8081" in text
-    assert "disable_token_authorization=false" in text and "enable_model_api=false" in text
-    assert "grpc_management_port=7071" in text
-
-
 def test_archive_refuses_bad_exports_and_overwrites(served, tmp_path):
     from camserve.archive import ArchiveError, build_archive
 
@@ -326,23 +299,6 @@ def test_archive_refuses_bad_exports_and_overwrites(served, tmp_path):
     assert meta["modelVersion"] == "3.1" and "batchSize: 8" in config
 
 
-def test_taken_port_is_refused_before_starting(tmp_path):
-    import socket
-
-    from camserve.server import ServerError, start
-
-    (tmp_path / "store").mkdir()
-    (tmp_path / "store" / "x.mar").write_bytes(b"")  # never read: the port check comes first
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        taken = sock.getsockname()[1]
-        config = Config().with_overrides({"server": {**{p: 0 for p in PORTS}, "grpc_inference_port": taken}})
-        with pytest.raises(ServerError, match=f"grpc inference port {taken} on 127.0.0.1 is not available"):
-            start(config, run_dir=tmp_path / "run", model_store=tmp_path / "store")
-    assert not (tmp_path / "run" / "state.json").exists()
-
-
 def test_concurrent_good_requests_share_one_model_call(served):
     instance, exports = served
     images = [sample_image(30 + i) for i in range(8)]
@@ -360,20 +316,3 @@ def test_concurrent_good_requests_share_one_model_call(served):
         if batched:
             break
     assert batched
-
-
-def test_client_finds_url_and_token_in_the_run_folder(tmp_path):
-    import argparse
-
-    from camserve.client import ClientError, server_url, token_from
-
-    assert server_url(str(tmp_path)) == "http://127.0.0.1:8080"
-    (tmp_path / "state.json").write_text(json.dumps({"inference_url": "http://127.0.0.1:1234"}))
-    assert server_url(str(tmp_path)) == "http://127.0.0.1:1234"
-    args = argparse.Namespace(token=None, key_file=None, run_dir=str(tmp_path))
-    assert token_from(args) is None  # token auth off: no key file
-    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "abc"}}))
-    assert token_from(args) == "abc"
-    assert token_from(argparse.Namespace(token="xyz", key_file=None, run_dir=None)) == "xyz"
-    with pytest.raises(ClientError, match="does not exist"):
-        token_from(argparse.Namespace(token=None, key_file=str(tmp_path / "nope.json"), run_dir=None))
