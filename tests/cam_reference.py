@@ -88,15 +88,17 @@ class TorchSession:
         with torch.no_grad():
             return self.model(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
-    def head_logits(self, activations: np.ndarray) -> np.ndarray:
-        """Logits with the first target layer's output replaced (the layer must be a cut)."""
+    def head_logits(self, activations: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        """Logits with the first target layer's output replaced; without ``images`` the
+        layer must be a cut of the model (zeros stand in for the image)."""
         self.calls.append(("head", len(activations)))
         value = torch.from_numpy(np.ascontiguousarray(activations))
         handle = self.modules[0].register_forward_hook(lambda _m, _i, _o: value)
         size = self.manifest.input_size
+        x = torch.zeros(len(activations), 3, *size) if images is None else torch.from_numpy(np.ascontiguousarray(images))
         try:
             with torch.no_grad():
-                return self.model(torch.zeros(len(activations), 3, *size)).numpy()
+                return self.model(x).numpy()
         finally:
             handle.remove()
 
@@ -153,6 +155,7 @@ def reference_cams(
     aug_smooth: bool = False,
     batch_size: int = 32,
     channels_last_ablation: bool = False,
+    stock_ablation: bool = False,
 ) -> np.ndarray:
     """pytorch-grad-cam's CAMs ``[R, H, W]`` for rows (image, class); ``row_class=None`` = its default (argmax)."""
     modules = [module_at(model, p) for p in layers]
@@ -168,6 +171,7 @@ def reference_cams(
     kwargs = {}
     if method == "ablationcam":
         layer = FixedValueAblationLastAxis() if channels_last_ablation else FixedValueAblation()
+        layer = AblationLayer() if stock_ablation else layer
         kwargs = {"ablation_layer": layer, "batch_size": batch_size}
     targets = None if row_class is None else [ClassifierOutputTarget(int(c)) for c in row_class]
     with contextlib.redirect_stderr(io.StringIO()), cls(model, modules, reshape_transform=reshape, **kwargs) as cam:

@@ -80,8 +80,10 @@ class _Runs:
     def logits(self, images: np.ndarray) -> np.ndarray:
         return self.call(self.session.logits, images)
 
-    def head_logits(self, activations: np.ndarray) -> np.ndarray:
-        return self.call(self.session.head_logits, activations)
+    def head_logits(self, activations: np.ndarray, images: np.ndarray | None = None) -> np.ndarray:
+        if images is None:
+            return self.call(self.session.head_logits, activations)
+        return self.call(self.session.head_logits, activations, images)
 
     def forward(self) -> GraphOutputs:
         return self.call(self.session.run, self.images)
@@ -190,5 +192,6 @@ def _raw_cams(
             raw.append(spec.function(weights, maps[rows.image], smooth))
         return raw
     layer = layers[0]
-    weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class)
+    head_images = runs.images if "image" in getattr(runs.session.manifest, "head_inputs", ()) else None
+    weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class, head_images)
     return [spec.function(weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]

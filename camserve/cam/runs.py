@@ -40,7 +40,7 @@ ABLATION_OFFSET = 1e7
 class LogitRunner(Protocol):
     def logits(self, images: np.ndarray) -> np.ndarray: ...
 
-    def head_logits(self, activations: np.ndarray) -> np.ndarray: ...
+    def head_logits(self, activations: np.ndarray, images: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def _pairs(num_images: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,12 +98,15 @@ def ablation_weights(
     logits: np.ndarray,
     row_image: np.ndarray,
     row_class: np.ndarray,
+    images: np.ndarray | None = None,
     batch_size: int = ABLATION_BATCH,
 ) -> np.ndarray:
     """AblationCAM weights ``[R, C]``.
 
     ``activations`` are the layer's raw outputs per distinct image (``[U, ...]`` in the
     manifest layout, what the head graph takes); ``logits`` ``[U, K]`` the unablated ones.
+    ``images`` ``[U, 3, H, W]`` go along with each ablated row when the head graph also
+    needs them (a layer that is not a cut of the model, e.g. ViT's ``ln_1``).
     """
     u = activations.shape[0]
     axis = channel_axis(spec) % activations.ndim
@@ -117,7 +120,8 @@ def ablation_weights(
         batch = activations[pi]
         channel_first = np.moveaxis(batch, axis, 1)  # a view: writes go to ``batch``
         channel_first[np.arange(pi.size), pc] = values[pi].reshape((-1,) + (1,) * (batch.ndim - 2))
-        scores[pi, pc] = session.head_logits(batch)[:, needed]
+        row_images = None if images is None else images[pi]
+        scores[pi, pc] = session.head_logits(batch, row_images)[:, needed]
     original = logits[row_image, row_class][:, None].astype(np.float32)
     ablated = scores[row_image, :, column]
     return ((original - ablated) / original).astype(np.float32)

@@ -1,0 +1,238 @@
+"""Cost of CAM post-processing per batch, as a share of the ONNX Runtime run that feeds it.
+
+For resnet50 (``layer4``: activations/gradients [N, 2048, 7, 7]) and vit_b_16
+(``encoder.layers.-1.ln_1``: [N, 197, 768] tokens), at N = 1, 8, 32:
+
+* ``ORT run``: median latency of the graph from ``camserve.export`` (logits, activations,
+  gradients; top-1 via ``target_rank``), random weights, ``--threads`` intra-op threads.
+  Without the exporter (or with ``--forward-only``) a forward-only
+  ``torch.onnx.export(dynamo=True)`` graph of the same model stands in.
+* each CAM method: ``explain()``'s post-processing time (``timings["cam"]``: layouts, method,
+  per-layer scaling, cv2-exact resize to 224 x 224, combination) on random arrays shaped
+  like the graph's outputs, plus 8-bit PNG encoding of every map (``camserve.render``), in
+  ms and as a share of the ORT run. Goal: GradCAM family < 5 % at N = 8.
+* ScoreCAM: N x C masked images in batches of 32 through the graph; timed on one batch and
+  extrapolated (resnet50: 2048 runs-worth of images per image). AblationCAM: N x C ablated
+  activation sets through the head graph (resnet50 only, ``head=True`` export), timed in full.
+
+    python bench/bench_cam.py [--sizes 1 8 32] [--threads 2] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from camserve.cam import TopK, explain  # noqa: E402
+from camserve.cam.runs import SCORECAM_BATCH, scorecam_weights  # noqa: E402
+from camserve.cam.layouts import to_nchw  # noqa: E402
+from camserve.manifest import LayerSpec, Manifest  # noqa: E402
+from camserve.runtime import GraphOutputs, GraphSession, session_options  # noqa: E402
+
+MODELS = {
+    "resnet50": ("layer4", LayerSpec("layer4", "NCHW", (2048, 7, 7))),
+    "vit_b_16": ("encoder.layers.-1.ln_1", LayerSpec("encoder.layers.-1.ln_1", "tokens", (197, 768), grid=(14, 14), prefix_tokens=1)),
+}
+GRADIENT_FAMILY = ["gradcam", "gradcam++", "xgradcam", "hirescam", "gradcamelementwise", "layercam", "eigengradcam", "eigencam", "kpcacam", "fem"]
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_graph(name: str, cache: Path, forward_only: bool, log) -> tuple[Path, str]:
+    """Export ``name`` once into ``cache``; returns (export dir or .onnx file, kind)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    for m in model.modules():  # ViT's zero head would make every gradient 0
+        if isinstance(m, torch.nn.Linear) and not torch.any(m.weight):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    if not forward_only:
+        try:
+            from camserve.export import export_model
+        except ImportError:
+            log("camserve.export not importable: using a forward-only graph")
+        else:
+            out = cache / f"cam-{name}"
+            if not (out / "manifest.json").exists():
+                log(f"exporting {name} with gradients (head={name == 'resnet50'}) ...")
+                export_model(model, [MODELS[name][0]], out, model_name=name, head=(name == "resnet50"), check=False)
+            return out, "explain graph (export_model)"
+    path = cache / f"cam-{name}-forward.onnx"
+    if not path.exists():
+        log(f"exporting forward-only {name} ...")
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(model, (torch.randn(2, 3, 224, 224),), str(path), input_names=["image"], output_names=["logits"],
+                          dynamo=True, dynamic_shapes=({0: batch},), external_data=False)
+    return path, "forward-only graph (torch.onnx.export)"
+
+
+class ArraySession:
+    """Session stand-in returning fixed random arrays shaped like the graph outputs, so
+    ``explain()`` times post-processing only; ScoreCAM/AblationCAM runs go to ``runner``."""
+
+    has_target_rank = True
+
+    def __init__(self, spec: LayerSpec, n: int, runner: GraphSession | None, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.manifest = Manifest("bench", "0", (224, 224), tuple(str(i) for i in range(1000)), (spec,),
+                                 head_graph_file=runner.manifest.head_graph_file if runner else None)
+        acts = rng.standard_normal((n, *spec.shape), dtype=np.float32)
+        if spec.layout == "NCHW":
+            acts = np.maximum(acts, 0)
+        self.outputs = GraphOutputs(rng.standard_normal((n, 1000), dtype=np.float32), [acts],
+                                    [rng.standard_normal((n, *spec.shape), dtype=np.float32) * 1e-3])
+        self.runner = runner
+
+    check_images = GraphSession.check_images
+
+    def run(self, images, cotangent=None, target_rank=None) -> GraphOutputs:
+        return self.outputs
+
+    def logits(self, images):
+        return self.runner.logits(images)
+
+    def head_logits(self, activations, images=None):
+        return self.runner.head_logits(activations, images)
+
+
+def post_processing(method: str, spec: LayerSpec, n: int, repeats: int, runner: GraphSession | None = None) -> dict[str, float]:
+    from camserve import render
+
+    session = ArraySession(spec, n, runner)
+    images = np.zeros((n, 3, 224, 224), np.float32)
+    cam_s, png_s, inf_s = [], [], []
+    for i in range(repeats + 1):
+        out = explain(session, images, [TopK(1)] * n, [method])
+        start = time.perf_counter()
+        render.heatmap_png(np.concatenate(out.cams[method]))
+        if i:  # first round is warm-up
+            cam_s.append(out.timings["cam"])
+            png_s.append(time.perf_counter() - start)
+            inf_s.append(out.timings["inference"])
+    return {"cam_s": statistics.median(cam_s), "png_s": statistics.median(png_s), "runs_s": statistics.median(inf_s)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=GRADIENT_FAMILY)
+    parser.add_argument("--forward-only", action="store_true", help="time a forward-only graph instead of the explain graph")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "camserve-bench-cam")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    args.cache.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    lines = ["| model | method | " + " | ".join(f"N={n} ms (% of run)" for n in args.sizes) + " |",
+             "|---|---|" + "---|" * len(args.sizes)]
+    for name in args.models:
+        spec = MODELS[name][1]
+        target, kind = build_graph(name, args.cache, args.forward_only, log)
+        runner = GraphSession(target, intra_op_threads=args.threads, verify_hash=False) if target.is_dir() else None
+        plain = None if runner else ort.InferenceSession(str(target), sess_options=session_options(args.threads),
+                                                         providers=["CPUExecutionProvider"])
+        run_s: dict[int, float] = {}
+        for n in args.sizes:
+            x = np.random.default_rng(n).standard_normal((n, 3, 224, 224), dtype=np.float32)
+            if runner:
+                fn = lambda: runner.run(x, None, np.zeros(n, np.int64))  # noqa: E731
+            else:
+                fn = lambda: plain.run(None, {"image": x})  # noqa: E731
+            run_s[n] = _median_seconds(fn, max(1, args.repeats if n < 32 else 1))
+            log(f"{name} N={n}: ORT run {run_s[n] * 1e3:.0f} ms ({kind})")
+        lines.append(f"| {name} | ORT run ({kind}) | " + " | ".join(f"{run_s[n] * 1e3:.0f}" for n in args.sizes) + " |")
+        for method in args.methods:
+            cells = []
+            for n in args.sizes:
+                r = post_processing(method, spec, n, args.repeats)
+                total = r["cam_s"] + r["png_s"]
+                results.append({"model": name, "method": method, "n": n, "ort_run_s": run_s[n], **r, "share": total / run_s[n]})
+                cells.append(f"{total * 1e3:.1f} ({100 * total / run_s[n]:.1f}%)")
+            lines.append(f"| {name} | {method} + PNG | " + " | ".join(cells) + " |")
+        lines += model_run_lines(name, spec, runner, run_s, args, results, log)
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "results": results, "table": table}, indent=2) + "\n")
+    return 0
+
+
+def model_run_lines(name, spec, runner, run_s, args, results, log) -> list[str]:
+    """ScoreCAM (one masked batch timed, extrapolated) and AblationCAM (timed) lines."""
+    if runner is None:
+        return []
+    lines = []
+    c = spec.channels
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((1, 3, 224, 224), dtype=np.float32)
+    maps = to_nchw(np.maximum(rng.standard_normal((1, *spec.shape), dtype=np.float32), 0), spec)
+    probe = ArraySession(spec, 1, runner)
+    probe.runner = _Limited(runner, SCORECAM_BATCH)
+    start = time.perf_counter()
+    try:
+        scorecam_weights(probe, images, maps, np.zeros(1, np.int64), np.zeros(1, np.int64))
+    except _Stop:
+        pass
+    per_batch = time.perf_counter() - start
+    cells = []
+    for n in args.sizes:
+        total = math.ceil(n * c / SCORECAM_BATCH) * per_batch
+        results.append({"model": name, "method": "scorecam (extrapolated)", "n": n, "ort_run_s": run_s[n], "total_s": total, "share": total / run_s[n]})
+        cells.append(f"{total * 1e3:.0f} ({total / run_s[n]:.0f}x)")
+    lines.append(f"| {name} | scorecam, est. {c} masked images per image | " + " | ".join(cells) + " |")
+    if runner.manifest.head_graph_file:
+        cells = []
+        for n in args.sizes:
+            r = post_processing("ablationcam", spec, n, 1, runner)
+            total = r["cam_s"] + r["png_s"] + r["runs_s"]
+            results.append({"model": name, "method": "ablationcam", "n": n, "ort_run_s": run_s[n], **r, "share": total / run_s[n]})
+            cells.append(f"{total * 1e3:.0f} ({100 * total / run_s[n]:.0f}%)")
+            log(f"{name} N={n}: ablationcam {total:.2f} s")
+        lines.append(f"| {name} | ablationcam (head graph runs + post) | " + " | ".join(cells) + " |")
+    return lines
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Limited:
+    """Runs the graph for the first ``limit``-image batch, then stops the loop."""
+
+    def __init__(self, runner: GraphSession, limit: int) -> None:
+        self.runner, self.limit, self.done = runner, limit, False
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        if self.done:
+            raise _Stop
+        self.done = True
+        return self.runner.logits(images)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
