@@ -1,0 +1,97 @@
+"""The service with its audit log attached: every request recorded before its answer leaves.
+
+:class:`AuditedService` is :class:`camserve.service.Service` whose per-request hook puts
+the record on the worker's :class:`~.writer.AuditLog` queue and whose ``handle`` waits for
+the batch's records before returning the answers; a request whose record could not be
+committed (policy ``block`` after ``timeout_s``, or ``fail-closed``) is answered 503
+``audit_unavailable`` instead. With heatmap or input storage on, the record also carries
+the CAM arrays and the input bytes (transient keys, stored as blobs by the writer thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+from ..request import Request, Response, split_fields
+from ..service import Service, _Item
+from .metrics import AuditMetrics
+from .sink import open_sink
+from .writer import AuditLog, AuditUnavailable, Ticket
+
+log = logging.getLogger("camserve.audit")
+
+
+class AuditedService(Service):
+    """A Service whose every answer has a committed audit record (see the module docstring)."""
+
+    def __init__(self, *args: Any, audit: AuditLog, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.audit = audit
+        self.hooks.insert(0, self._submit)  # first, so hook calls line up with the batch's requests
+        self._tickets: list[Ticket | None] = []
+
+    def _submit(self, record: dict[str, Any]) -> None:
+        self._tickets.append(None)  # stays None if submit refuses (the service answers its error)
+        self._tickets[-1] = self.audit.submit(record)
+
+    def _body(self, item: _Item, result: dict[str, Any], n_requests: int, start: float) -> dict[str, Any]:
+        body = super()._body(item, result, n_requests, start)
+        item._audit_cams = result.get("cams")  # type: ignore[attr-defined]  # for stored heatmaps
+        return body
+
+    def record(self, item: _Item, body: dict[str, Any] | None) -> dict[str, Any]:
+        record = super().record(item, body)
+        parts: list[tuple[str, bytes]] | None = None
+        if item.error is not None and len(item.sha256) == 0:  # refused before decoding: hash what was sent
+            try:
+                parts = split_fields(item.request.fields)[0]
+                record["input_sha256"] = [hashlib.sha256(data).hexdigest() for _, data in parts]
+            except Exception:  # noqa: BLE001 - the request's own error is already recorded
+                parts = None
+        cams = getattr(item, "_audit_cams", None)
+        if self.audit.store_heatmaps and cams and body is not None:
+            record["cams"] = [{m: c[i] for m, c in cams.items()} for i in range(len(item.images))]
+        if self.audit.store_inputs and body is not None:
+            try:
+                parts = split_fields(item.request.fields)[0]
+                record["input_bytes"] = [data for name, data in parts if name in item.names]
+            except Exception:  # noqa: BLE001 - parsed once already; the record goes without them
+                log.error("audit: cannot keep the input bytes of request %s", item.request.request_id)
+        return record
+
+    def handle(self, requests: list[Request]) -> list[Response]:
+        self._tickets = []
+        responses = super().handle(requests)
+        tickets, self._tickets = self._tickets, []
+        if len(tickets) != len(requests):  # a hook raised for a reason of its own: match by request id
+            log.warning("audit: %d records for %d requests in this batch", len(tickets), len(requests))
+        ok = self.audit.wait([t for t in tickets if t is not None])
+        verdict = iter(ok)
+        for i, ticket in enumerate(tickets[: len(requests)]):
+            if ticket is None or next(verdict):
+                continue
+            if ticket.record.get("request_id") != requests[i].request_id:
+                continue
+            why = ticket.error or f"not committed within {self.audit.timeout_s:g} s"
+            responses[i] = self.error_response(
+                requests[i], AuditUnavailable(f"the audit record could not be written ({why}); policy {self.audit.policy}"))
+        return responses
+
+
+def make_service(config: Any, session: Any, recorder: Any = None, *, name: str | None = None, version: str | None = None,
+                 metrics_cache: Any = None, base: str | os.PathLike | None = None) -> Service:
+    """The worker's service: audited when ``config.audit.enabled`` (else a plain Service)."""
+    kwargs = {"name": name, "version": version}
+    if not config.audit.enabled:
+        return Service(session, config.limits, recorder, **kwargs)
+    a = config.audit
+    sink = open_sink(a, base or os.getcwd())
+    name = name or session.manifest.model_name
+    version = version or session.manifest.model_version
+    audit = AuditLog(sink, AuditMetrics(name, version, metrics_cache), policy=a.policy, queue_size=a.queue_size,
+                     timeout_s=a.timeout_s, store_heatmaps=a.store_heatmaps, store_inputs=a.store_inputs)
+    log.info("audit log: %s, policy %s, queue %d", sink.describe(), a.policy, a.queue_size)
+    return AuditedService(session, config.limits, recorder, audit=audit, **kwargs)
