@@ -110,6 +110,48 @@ class RuntimeConfig:
         return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
+AUDIT_SINKS = ("sqlite", "jsonl", "postgres")
+AUDIT_POLICIES = ("block", "fail-closed", "fail-open")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit log (``camserve.audit``): where records go and what happens when they cannot.
+
+    ``path`` is a folder (SQLite file ``audit.sqlite``, JSON Lines files, stored blobs); a
+    relative path is taken inside the server's run folder. ``dsn`` is the PostgreSQL
+    connection string (sink ``postgres``). ``policy`` applies to a full queue or a failing
+    sink: ``block`` waits up to ``timeout_s`` then answers 503, ``fail-closed`` answers 503
+    at once, ``fail-open`` answers and counts the lost record.
+    """
+
+    enabled: bool = True
+    sink: str = "sqlite"
+    path: str = "audit"
+    dsn: str = ""
+    policy: str = "block"
+    queue_size: int = 1024
+    timeout_s: float = 30.0
+    store_heatmaps: bool = False
+    store_inputs: bool = False
+    fsync: bool = False
+    rotate_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.sink not in AUDIT_SINKS:
+            raise ConfigError(f"audit.sink must be one of {', '.join(AUDIT_SINKS)}, got {self.sink!r}")
+        if self.policy not in AUDIT_POLICIES:
+            raise ConfigError(f"audit.policy must be one of {', '.join(AUDIT_POLICIES)}, got {self.policy!r}")
+        if self.enabled and self.sink == "postgres" and not self.dsn:
+            raise ConfigError("audit.sink postgres needs audit.dsn (e.g. postgresql://user@127.0.0.1:5432/camserve)")
+        if not self.path:
+            raise ConfigError("audit.path must not be empty")
+        for name in ("queue_size", "rotate_bytes"):
+            _positive(f"audit.{name}", getattr(self, name))
+        if not self.timeout_s > 0:
+            raise ConfigError(f"audit.timeout_s must be > 0, got {self.timeout_s!r}")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; see the module docstring for how it is layered."""
@@ -117,6 +159,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))} for s in _SECTIONS}
@@ -139,7 +182,7 @@ class Config:
         return Config(**sections)
 
 
-_SECTIONS = ("limits", "server", "runtime")
+_SECTIONS = ("limits", "server", "runtime", "audit")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -189,7 +232,7 @@ def read_file(path: str | Path) -> dict[str, dict[str, Any]]:
     except Exception as exc:  # yaml and json raise different types
         raise ConfigError(f"configuration file {path} is not valid: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(f"configuration file {path} must map sections (limits, server, runtime) to settings")
+        raise ConfigError(f"configuration file {path} must map sections (limits, server, runtime, audit) to settings")
     return data
 
 

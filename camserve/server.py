@@ -32,7 +32,7 @@ from typing import Any
 from .config import CONFIG_ENV, Config, load_config, to_env
 from .errors import CamserveError
 from .java import find_java
-from .metrics import write_metrics_config
+from .audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
 
 class ServerError(CamserveError):
     """TorchServe cannot be started, found or stopped."""
@@ -263,6 +263,8 @@ def start(
     config = resolve_ports(config)
     check_ports(config, inference_host)
     write_metrics_config(run_dir / "metrics.yaml")
+    if not Path(config.audit.path).is_absolute():  # the audit log lives in the run folder by default
+        config = config.with_overrides({"audit": {"path": str(run_dir / config.audit.path)}})
     (run_dir / "config.properties").write_text(properties(config, run_dir, store, mars, inference_host))
     identities: dict[str, list[str]] = {}
     for mar in mars:

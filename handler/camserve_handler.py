@@ -13,11 +13,11 @@ import os
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from camserve.audit.service import make_service  # noqa: E402
 from camserve.config import load_config  # noqa: E402
 from camserve.metrics import Recorder  # noqa: E402
 from camserve.runtime import GraphSession, default_providers  # noqa: E402
 from camserve.request import PARAMS_HEADER, Request, header  # noqa: E402
-from camserve.service import Service  # noqa: E402
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -26,7 +26,7 @@ class CamserveHandler:
     """Loads the exported graph from the model folder and serves batches through Service."""
 
     def __init__(self) -> None:
-        self.service: Service | None = None
+        self.service = None
         self.initialized = False
 
     def initialize(self, context) -> None:
@@ -42,7 +42,9 @@ class CamserveHandler:
         name = model.get("modelName") or session.manifest.model_name
         version = str(model.get("modelVersion") or session.manifest.model_version)
         recorder = Recorder(getattr(context, "metrics", None), name, version)
-        self.service = Service(session, config.limits, recorder, name=name, version=version)
+        # Audited (config.audit): every answer leaves only after its record is committed.
+        self.service = make_service(config, session, recorder, name=name, version=version,
+                                    metrics_cache=getattr(context, "metrics", None))
         self.initialized = True
 
     def handle(self, data, context):
