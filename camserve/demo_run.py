@@ -231,6 +231,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
                                     "runtime": {"ort_threads": 1}})
     results_dir = out / "results"
     results_dir.mkdir(exist_ok=True)
+    if (run_dir / "state.json").is_file() and server.stop(run_dir):  # the folder is the demo's own
+        log(f"stopped a server left running in {run_dir} by an earlier demo")
     t = time.perf_counter()
     try:
         instance = server.start(config, run_dir=run_dir, model_store=store, models=MODEL_NAME)
