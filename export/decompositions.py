@@ -6,6 +6,7 @@ computes the input gradient with forward ops that ONNX has:
 - ``convolution_backward``: the input gradient of a convolution is a transposed
   convolution of the output gradient with the same weight; ``output_padding`` restores
   the input size that strided convolutions lose.
+- ``_safe_softmax`` (see ``_plain_softmax``).
 - ``_adaptive_avg_pool2d_backward``: each output gradient spread evenly over its pooling
   window, written as two small constant matrices ``P_h^T @ g @ P_w``.
 """
@@ -63,8 +64,18 @@ def _adaptive_avg_pool2d_input_grad(grad_output, self):
     return torch.matmul(torch.matmul(ph.t(), grad_output), pw)
 
 
+def _plain_softmax(x, dim, dtype=None):
+    # The math attention backend calls _safe_softmax, which zeroes rows that are all -inf
+    # (fully masked). Image classifiers mask no whole row, and the where/equal/reduce ops
+    # that the guard exports cost ~8% of a ViT's run, so a plain softmax is traced.
+    if dtype is not None:
+        x = x.to(dtype)
+    return aten._softmax(x, dim, False)
+
+
 def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
     table = dict(core_aten_decompositions())
+    table[aten._safe_softmax.default] = _plain_softmax
     table[aten.convolution_backward.default] = _conv_input_grad
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_input_grad
     return table

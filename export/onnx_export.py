@@ -106,33 +106,60 @@ def _first_line_naming_op(exc: BaseException) -> str:
 def strip_weight_expands(model: onnx.ModelProto) -> onnx.ModelProto:
     """Feed MatMul the 2-d weight itself where the trace expanded it to the batch.
 
-    ``nn.MultiheadAttention``'s packed projection traces to ``MatMul(x, Expand(W))``.
-    ONNX MatMul broadcasts a 2-d operand by itself, and the Expand costs a copy of the
-    weight per token batch at run time (and gigabytes of constant folding at load), so
-    the Expand is bypassed and then removed.
+    ``nn.MultiheadAttention``'s packed projection traces to ``MatMul(x, Expand(W))`` in
+    the forward and ``MatMul(g, Transpose(Expand(W)))`` in the backward. ONNX MatMul
+    broadcasts a 2-d operand by itself, and each Expand costs a copy of the weight per
+    token at run time (and gigabytes of constant folding at load), so the Expand is
+    bypassed (a 2-d Transpose stands in for the batched one) and then removed.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    dead: set[int] = set()
+
+    def expanded_weight(name: str) -> str | None:
+        src = producers.get(name)
+        if src is not None and src.op_type == "Expand" and src.input[0] in inits and len(inits[src.input[0]].dims) == 2:
+            return src.input[0]
+        return None
+
+    added: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type != "MatMul":
             continue
-        src = producers.get(node.input[1])
-        if src is None or src.op_type != "Expand":
-            continue
-        weight = src.input[0]
-        if weight in inits and len(inits[weight].dims) == 2:
+        operand = node.input[1]
+        weight = expanded_weight(operand)
+        if weight is not None:
             node.input[1] = weight
-            consumers[src.output[0]] -= 1
-            if consumers[src.output[0]] == 0:
-                dead.add(id(src))
-    if dead:
-        keep = [n for n in graph.node if id(n) not in dead]
+            continue
+        transpose = producers.get(operand)
+        if transpose is None or transpose.op_type != "Transpose":
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        weight = expanded_weight(transpose.input[0])
+        if weight is None or perm is None or perm[-2:] != [len(perm) - 1, len(perm) - 2]:
+            continue
+        flipped = f"{weight}__T"
+        if flipped not in producers:
+            added.append(onnx.helper.make_node("Transpose", [weight], [flipped], perm=[1, 0], name=f"{weight}__transpose"))
+            producers[flipped] = added[-1]
+        node.input[1] = flipped
+    if added:
+        graph.node.extend(added)
+    _remove_dead_nodes(graph)
+    # Keep the node list topologically sorted for checkers: constants' transposes first.
+    if added:
+        nodes = sorted(graph.node, key=lambda n: 0 if n in added else 1)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
+
+
+def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads (repeat until stable)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            return
         del graph.node[:]
         graph.node.extend(keep)
-    return model
