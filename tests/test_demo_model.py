@@ -59,6 +59,9 @@ def test_shortcut_mode_puts_the_class_in_a_corner():
         assert (img[y0 : y1 + 1, x0 : x1 + 1] == demo.MARKER_COLOURS[label]).all()
         corner = (int(x0 > 32), int(y0 > 32))
         assert corner == [(0, 0), (1, 0), (0, 1), (1, 1)][label]
+    for img, box, colour in zip(data.images, data.boxes, data.colours):  # shape intact
+        ys, xs = np.nonzero((img == colour).all(axis=2))
+        assert [xs.min(), ys.min(), xs.max(), ys.max()] == box.tolist()
 
 
 def test_bad_generator_arguments():

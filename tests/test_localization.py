@@ -22,7 +22,7 @@ HELDOUT_SEED = 2026  # != the training seed (0) and the accuracy hold-out (1_000
 
 @pytest.fixture(scope="module")
 def explained():
-    from camserve.cam import explain
+    from camserve.cam import TopK, explain
     from camserve.runtime import GraphSession
 
     model, info = trained_shapes()
@@ -33,6 +33,8 @@ def explained():
     targets = [[int(label)] for label in data.labels]  # explain the true class
     result = explain(session, images, targets, list(METHODS))
     cams = {m: np.concatenate(result.cams[m], axis=0) for m in METHODS}  # [100, 64, 64]
+    top1 = explain(session, images, [TopK(1)] * len(images), list(METHODS))  # the serving default
+    cams.update({(m, "top1"): np.concatenate(top1.cams[m], axis=0) for m in METHODS})
     return model, info, manifest, data, result, cams
 
 
@@ -65,3 +67,6 @@ def test_cam_peak_falls_inside_the_shape(explained, method):
     centre = np.full_like(summary.peak, info.input_size // 2)
     assert _inside(centre, data.boxes).mean() < 0.6
     assert _inside(summary.peak, np.roll(data.boxes, 1, axis=0)).mean() < 0.5
+    # explaining the predicted class (target=top1, what the server does by default) too
+    top1_hits = _inside(render.summarize(cams[(method, "top1")]).peak, data.boxes)
+    assert top1_hits.mean() >= 0.90, f"{method} top-1: peak inside the box for {top1_hits.mean():.0%}"
