@@ -403,7 +403,7 @@ def measure(n: int = 8, size: int = 224, repeats: int = 5, seed: int = 0) -> dic
     base = cv2.resize(rng.integers(0, 256, (n * 16, 16, 3), dtype=np.uint8), (size, n * size))
     images = cv2.add(base, rng.integers(0, 16, base.shape, dtype=np.uint8)).reshape(n, size, size, 3)
     jobs: dict[str, Any] = {
-        "resize 7->224 + uint8": lambda: to_uint8(resize_maps(low, (size, size))),
+        f"resize 7->{size} + uint8": lambda: to_uint8(resize_maps(low, (size, size))),
         "heatmap png (level 1, SUB)": lambda: heatmap_png(cams),
         "heatmap png (level 6, SUB)": lambda: heatmap_png(cams, 6),
         "overlay blend only": lambda: overlay_batch(images, cams),
@@ -424,6 +424,6 @@ def measure(n: int = 8, size: int = 224, repeats: int = 5, seed: int = 0) -> dic
 
 
 if __name__ == "__main__":
-    print("camserve.render: ms per 224 x 224 map (batch of 8, best of 5)")
+    print("camserve.render: ms per 224 x 224 map (batch of 8, best of 5)")  # measure() defaults
     for key, value in measure().items():
         print(f"  {key:28s} {value:7.3f}")
