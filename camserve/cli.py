@@ -20,7 +20,7 @@ from .errors import CamserveError  # noqa: E402
 COMMANDS: tuple[str, ...] = (
     "camserve.export.cli",
     "camserve.archive", "camserve.server", "camserve.client",
-    "camserve.audit.cli",
+    "camserve.audit.cli", "camserve.compare.cli",
 )
 
 
