@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 GENESIS = "0" * 64
 #: Keys the service may add that are not JSON (arrays, bytes): kept out of the stored body.
-TRANSIENT = ("cams", "input_bytes")
+TRANSIENT = ("cams", "heatmap_pngs", "input_bytes")
 
 
 def canonical(obj: Any) -> str:

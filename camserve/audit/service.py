@@ -1,8 +1,9 @@
 """The service with its audit log attached: every request recorded before its answer leaves.
 
 :class:`AuditedService` is :class:`camserve.service.Service` whose per-request hook puts
-the record on the worker's :class:`~.writer.AuditLog` queue and whose ``handle`` waits for
-the batch's records before returning the answers; a request whose record could not be
+the record aside; ``handle`` queues the batch's records as one unit on the worker's
+:class:`~.writer.AuditLog` (one sink transaction) and waits for them before returning the
+answers; a request whose record could not be
 committed (policy ``block`` after ``timeout_s``, or ``fail-closed``) is answered 503
 ``audit_unavailable`` instead. With heatmap or input storage on, the record also carries
 the CAM arrays and the input bytes (transient keys, stored as blobs by the writer thread).
@@ -30,12 +31,11 @@ class AuditedService(Service):
     def __init__(self, *args: Any, audit: AuditLog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.audit = audit
-        self.hooks.insert(0, self._submit)  # first, so hook calls line up with the batch's requests
-        self._tickets: list[Ticket | None] = []
+        self.hooks.insert(0, self._collect)  # first, so hook calls line up with the batch's requests
+        self._records: list[dict[str, Any]] = []
 
-    def _submit(self, record: dict[str, Any]) -> None:
-        self._tickets.append(None)  # stays None if submit refuses (the service answers its error)
-        self._tickets[-1] = self.audit.submit(record)
+    def _collect(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
 
     def _body(self, item: _Item, result: dict[str, Any], n_requests: int, start: float) -> dict[str, Any]:
         body = super()._body(item, result, n_requests, start)
@@ -54,6 +54,8 @@ class AuditedService(Service):
         cams = getattr(item, "_audit_cams", None)
         if self.audit.store_heatmaps and cams and body is not None:
             record["cams"] = [{m: c[i] for m, c in cams.items()} for i in range(len(item.images))]
+            # the answer's own PNGs (output=png, the default when explaining): no second encoding
+            record["heatmap_pngs"] = [[e.get("png") for e in img.get("explanations", [])] for img in body["images"]]
         if self.audit.store_inputs and body is not None:
             try:
                 parts = split_fields(item.request.fields)[0]
@@ -63,21 +65,21 @@ class AuditedService(Service):
         return record
 
     def handle(self, requests: list[Request]) -> list[Response]:
-        self._tickets = []
+        """Answer the batch; the answers leave once the batch's records are committed."""
+        self._records = []
         responses = super().handle(requests)
-        tickets, self._tickets = self._tickets, []
-        if len(tickets) != len(requests):  # a hook raised for a reason of its own: match by request id
-            log.warning("audit: %d records for %d requests in this batch", len(tickets), len(requests))
-        ok = self.audit.wait([t for t in tickets if t is not None])
-        verdict = iter(ok)
-        for i, ticket in enumerate(tickets[: len(requests)]):
-            if ticket is None or next(verdict):
-                continue
-            if ticket.record.get("request_id") != requests[i].request_id:
-                continue
-            why = ticket.error or f"not committed within {self.audit.timeout_s:g} s"
-            responses[i] = self.error_response(
-                requests[i], AuditUnavailable(f"the audit record could not be written ({why}); policy {self.audit.policy}"))
+        records, self._records = self._records, []
+        if len(records) != len(requests) or any(r.get("request_id") != q.request_id for r, q in zip(records, requests)):
+            log.error("audit: %d records do not line up with the %d requests of this batch", len(records), len(requests))
+        try:
+            tickets: list[Ticket] = self.audit.submit_many(records)
+        except AuditUnavailable as exc:
+            return [self.error_response(q, exc) for q in requests]
+        for i, (ticket, ok) in enumerate(zip(tickets, self.audit.wait(tickets))):
+            if not ok and i < len(requests) and ticket.record.get("request_id") == requests[i].request_id:
+                why = ticket.error or f"not committed within {self.audit.timeout_s:g} s"
+                responses[i] = self.error_response(
+                    requests[i], AuditUnavailable(f"the audit record could not be written ({why}); policy {self.audit.policy}"))
         return responses
 
 

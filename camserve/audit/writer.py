@@ -1,8 +1,8 @@
 """The per-worker audit writer: a bounded queue, one writer thread, and the failure policies.
 
-The request thread only puts a record on the queue (:meth:`AuditLog.submit`); the writer
-thread drains everything queued, renders stored heatmaps, and appends it to the sink in
-ONE transaction (group commit). Before a server batch's answers leave, the handler waits
+The request thread only puts a server batch's records on the queue
+(:meth:`AuditLog.submit_many`); the writer thread drains everything queued, renders stored
+heatmaps, and appends it to the sink in ONE transaction (group commit). Before a server batch's answers leave, the handler waits
 for that batch's records (:meth:`AuditLog.wait`): an answer is never sent without its
 record committed, so a worker killed at any moment cannot have answered unrecorded
 requests.
@@ -21,7 +21,6 @@ import atexit
 import hashlib
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -44,6 +43,56 @@ class AuditUnavailable(CamserveError):
 
     kind = "audit_unavailable"
     status = 503
+
+
+class RecordQueue:
+    """A FIFO of record groups bounded by the number of records it holds.
+
+    ``put`` adds one server batch's tickets as a unit (a batch larger than the bound is
+    let in alone, when the queue is empty); ``take`` returns everything queued, up to
+    ``limit`` records, blocking while empty; after ``close`` it drains, then returns None.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: list[list[Ticket]] = []
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def put(self, tickets: list[Ticket], timeout: float) -> bool:
+        with self._cond:
+            fits = lambda: self._count == 0 or self._count + len(tickets) <= self.maxsize  # noqa: E731
+            if not self._cond.wait_for(fits, timeout):
+                return False
+            self._items.append(tickets)
+            self._count += len(tickets)
+            self._cond.notify_all()
+            return True
+
+    def take(self, limit: int) -> list[Ticket] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._closed)
+            if not self._items:
+                return None
+            out: list[Ticket] = []
+            while self._items and (not out or len(out) + len(self._items[0]) <= limit):
+                out.extend(self._items.pop(0))
+            self._count -= len(out)
+            self._cond.notify_all()
+            return out
+
+    def qsize(self) -> int:
+        with self._cond:
+            return self._count
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 @dataclass
@@ -72,7 +121,7 @@ class AuditLog:
         self.store_inputs = store_inputs
         self.log_id = log_id or f"{socket.gethostname()}:{os.getpid()}"
         self.retry_s = retry_s
-        self.queue: queue.Queue[Ticket | None] = queue.Queue(maxsize=queue_size)
+        self.queue = RecordQueue(queue_size)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="camserve-audit-writer", daemon=True)
         self._thread.start()
@@ -81,23 +130,28 @@ class AuditLog:
     # ------------------------------------------------------------ request side ---
 
     def submit(self, record: dict[str, Any]) -> Ticket:
-        """Queue ``record``; applies the policy when the queue is full (may raise AuditUnavailable)."""
-        ticket = Ticket(record)
-        try:
-            self.queue.put_nowait(ticket)
-            return ticket
-        except queue.Full:
-            self.metrics.queue_full()
+        """Queue one record (see :meth:`submit_many`)."""
+        return self.submit_many([record])[0]
+
+    def submit_many(self, records: list[dict[str, Any]]) -> list[Ticket]:
+        """Queue a server batch's records as one unit (one sink transaction).
+
+        A full queue is counted and handled by the policy: ``block`` waits up to
+        ``timeout_s``, ``fail-closed`` raises :class:`AuditUnavailable` at once (so does
+        ``block`` after waiting), ``fail-open`` returns the tickets already failed (lost).
+        """
+        tickets = [Ticket(r) for r in records]
+        if not tickets or self.queue.put(tickets, timeout=0):
+            return tickets
+        self.metrics.queue_full()
         if self.policy == "block":
-            try:
-                self.queue.put(ticket, timeout=self.timeout_s)
-                return ticket
-            except queue.Full:
-                raise AuditUnavailable(f"the audit queue stayed full for {self.timeout_s:g} s (sink {self.sink.describe()})") from None
+            if self.queue.put(tickets, timeout=self.timeout_s):
+                return tickets
+            raise AuditUnavailable(f"the audit queue stayed full for {self.timeout_s:g} s (sink {self.sink.describe()})")
         if self.policy == "fail-closed":
             raise AuditUnavailable(f"the audit queue is full ({self.queue.maxsize} records waiting); policy fail-closed refuses to answer")
-        self._lose([ticket], "the audit queue is full")
-        return ticket
+        self._lose(tickets, "the audit queue is full")
+        return tickets
 
     def wait(self, tickets: list[Ticket]) -> list[bool]:
         """Wait for ``tickets``; True where the answer may leave (committed, or fail-open)."""
@@ -117,10 +171,7 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
+        self.queue.close()
         self._thread.join(timeout)
         self.sink.close()
 
@@ -128,22 +179,10 @@ class AuditLog:
 
     def _run(self) -> None:
         while True:
-            first = self.queue.get()
-            group = [first] if first is not None else []
-            stop = first is None
-            while not stop and len(group) < MAX_GROUP:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                else:
-                    group.append(nxt)
-            if group:
-                self._write(group)
-            if stop:
+            group = self.queue.take(MAX_GROUP)
+            if group is None:
                 return
+            self._write(group)
 
     def _write(self, group: list[Ticket]) -> None:
         attempt = 0
@@ -190,7 +229,7 @@ class AuditLog:
             raw = t.record
             rec = prepare(raw, self.log_id)
             if self.store_heatmaps and raw.get("cams") and rec.get("images"):
-                rec["images"] = heatmap_refs(rec["images"], raw["cams"], blobs)
+                rec["images"] = heatmap_refs(rec["images"], raw["cams"], blobs, raw.get("heatmap_pngs"))
             if self.store_inputs and raw.get("input_bytes"):
                 for data in raw["input_bytes"]:
                     blobs.setdefault(hashlib.sha256(data).hexdigest(), ("input", data))
@@ -199,27 +238,35 @@ class AuditLog:
         return records, [(sha, kind, data) for sha, (kind, data) in blobs.items()]
 
 
-def heatmap_refs(images: list[dict[str, Any]], cams: list[dict[str, Any]], blobs: dict[str, tuple[str, bytes]]) -> list[dict[str, Any]]:
+def heatmap_refs(images: list[dict[str, Any]], cams: list[dict[str, Any]], blobs: dict[str, tuple[str, bytes]],
+                 pngs: list[list[str | None]] | None = None) -> list[dict[str, Any]]:
     """Copies of the record's images whose explanations name their heatmap PNG by SHA-256.
 
     ``cams[i][method]`` is image i's ``[T, h, w]`` maps of that method, in the order of the
     explanation entries (method-major, then target). The PNG is the answer's ``png`` form:
-    grayscale, pixel = round(255 * cam), at the model's resolution.
+    grayscale, pixel = round(255 * cam), at the model's resolution; ``pngs[i][j]`` (base64)
+    is that PNG already encoded for the answer, used as is when given.
     """
+    import base64
+
     from .. import render
 
     out = []
-    for img, maps in zip(images, cams):
+    for i, (img, maps) in enumerate(zip(images, cams)):
         count: dict[str, int] = {}
         explanations = []
-        for e in img.get("explanations") or []:
+        for j, e in enumerate(img.get("explanations") or []):
             t = count.get(e["method"], 0)
             count[e["method"]] = t + 1
             stack = maps.get(e["method"])
-            if stack is None or t >= len(stack):
+            given = pngs[i][j] if pngs and i < len(pngs) and j < len(pngs[i]) else None
+            if given:
+                png = base64.b64decode(given)
+            elif stack is None or t >= len(stack):
                 explanations.append(e)
                 continue
-            png = render.heatmap_png(render.check_cams(stack[t][None]))[0]
+            else:
+                png = render.heatmap_png(render.check_cams(stack[t][None]))[0]
             sha = hashlib.sha256(png).hexdigest()
             blobs.setdefault(sha, ("heatmap", png))
             explanations.append({**e, "heatmap_sha256": sha})
