@@ -11,10 +11,10 @@ from typing import Any
 
 from .analysis import analyse, apply_gates, wilson
 from .data import Answer, CompareError, Pair
-from .similarity import pearson, peak_distance, similarity, spearman, top_iou
+from .similarity import pearson, peak_distance, spearman, top_iou
 
 __all__ = ["Answer", "CompareError", "Pair", "analyse", "apply_gates", "compare_exports", "pearson",
-           "peak_distance", "similarity", "spearman", "top_iou", "wilson"]
+           "peak_distance", "spearman", "top_iou", "wilson"]
 
 
 def compare_exports(dir_a: str, dir_b: str, images_dir: str, methods: list[str] | tuple[str, ...] = ("gradcam",),

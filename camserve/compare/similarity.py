@@ -107,10 +107,12 @@ def peak_distance(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def match_sizes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bring two ``[N, H, W]`` batches to one size (the smaller one's, bilinear) when they differ."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    a, b = np.asarray(a), np.asarray(b)
     if a.shape[1:] == b.shape[1:]:
         return a, b
     from ..render import resize_maps
+
+    a, b = a.astype(np.float32), b.astype(np.float32)
 
     ha, wa = a.shape[1:]
     hb, wb = b.shape[1:]
