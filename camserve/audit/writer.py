@@ -181,6 +181,7 @@ class AuditLog:
         while True:
             group = self.queue.take(MAX_GROUP)
             if group is None:
+                self.sink.close()  # the writer thread's own connection
                 return
             self._write(group)
 
