@@ -16,6 +16,8 @@ For resnet50 (``layer4``: activations/gradients [N, 2048, 7, 7]) and vit_b_16
   activation sets through the head graph (resnet50 only, ``head=True`` export), timed in full.
 
     python bench/bench_cam.py [--sizes 1 8 32] [--threads 2] [--repeats 3] [--json out.json]
+
+numpy's BLAS runs single-threaded here (``OPENBLAS_NUM_THREADS=1`` unless set).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# numpy's OpenBLAS spins one thread per core; next to ONNX Runtime's threads on a loaded
+# 2-core box that made batched SVDs 10-30x slower. A serving worker should pin it too.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -32,6 +32,8 @@ class Exported:
     def __init__(self, model: nn.Module, layer: str, size: int, out_dir, reshape=None, head: bool = False) -> None:
         self.model, self.layer, self.size, self.reshape = model.eval(), layer, size, reshape
         export.export_model(model, [layer], out_dir, input_size=size, model_name="t", head=head, check=False)
+        for p in model.parameters():  # export_model leaves them requires_grad=False; pytorch-grad-cam needs a graph
+            p.requires_grad_(True)
         self.session = GraphSession(out_dir, intra_op_threads=2)
 
     def compare(self, images: np.ndarray, targets: list, methods: list[str], *, default_targets: bool = False, **kw) -> None:

@@ -209,3 +209,41 @@ def test_explain_errors_name_the_value(tiny: TorchSession) -> None:
         explain(tiny, images, [[1], [6]], ["gradcam"])
     with pytest.raises(InputError, match="'gradcam'"):
         explain(tiny, images, [[1], [1]], "gradcam")
+    with pytest.raises(InputError, match="batch of 0"):
+        explain(tiny, images[:0], [], ["gradcam"])
+
+
+def test_augment_stacks_copies_and_deaugment_undoes_flips() -> None:
+    from camserve.cam.augment import AUGMENTATIONS, augment, deaugment_mean
+
+    images = RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    stacked = augment(images)
+    assert stacked.shape == (12, 3, 4, 5) and AUGMENTATIONS[0] == (False, 1.0)
+    np.testing.assert_array_equal(stacked[:2], images)
+    for a, (flip, factor) in enumerate(AUGMENTATIONS):
+        expected = (images[..., ::-1] if flip else images) * np.float32(factor)
+        np.testing.assert_allclose(stacked[2 * a : 2 * a + 2], expected, rtol=1e-6)
+    # a flip-equivariant "CAM" (channel 0 of each copy) is flipped back before the mean
+    mean_factor = np.mean([f for _, f in AUGMENTATIONS])
+    np.testing.assert_allclose(deaugment_mean(stacked[:, 0]), images[:, 0] * mean_factor, rtol=1e-5, atol=1e-6)
+
+
+def test_ablation_value_rule() -> None:
+    from camserve.cam.runs import ablation_values
+
+    acts = np.stack([np.maximum(RNG.standard_normal((4, 3)), 0), RNG.standard_normal((4, 3)) - 5]).astype(np.float32)
+    values = ablation_values(acts)
+    assert values[0] == 0 and values[1] == np.float32(acts[1].min() - 1e7)
+
+
+def test_model_run_methods_batch_their_runs(tiny: TorchSession) -> None:
+    """ScoreCAM: N x C masked images in batches of 32 shared by an image's targets;
+    AblationCAM: N x C head runs in batches of 64; FinerCAM: one extra run."""
+    images = RNG.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    tiny.calls.clear()
+    out = explain(tiny, images, [[1, 2], [3]], ["scorecam"])
+    assert tiny.calls == [("run", 2)] + [("logits", 32)] * 1  # 2 images x 16 channels
+    tiny.calls.clear()
+    explain(tiny, images, [[1, 2], [3]], ["ablationcam", "finercam"])
+    assert tiny.calls == [("run", 2), ("head", 32), ("run", 3)]
+    assert [m.shape for m in out.cams["scorecam"]] == [(2, 16, 16), (1, 16, 16)]

@@ -119,6 +119,8 @@ def explain(
     start = time.perf_counter()
     specs = _parse_methods(methods)
     images = session.check_images(images)
+    if images.shape[0] == 0:
+        raise InputError("images holds no image (batch of 0)")
     manifest = session.manifest
     layers = manifest.target_layers
     size = (images.shape[2], images.shape[3])
