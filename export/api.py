@@ -95,6 +95,20 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     return names
 
 
+def _check_loadable(graph: Path, proto: onnx.ModelProto) -> None:
+    """The installed ONNX Runtime must read the graph (opset and IR version included)."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        raise ExportError(
+            f"onnxruntime {ort.__version__} cannot load the exported graph (opset {opset}, IR version {proto.ir_version}): "
+            f"{str(exc).splitlines()[0][:300]}"
+        ) from exc
+
+
 def export_model(
     model: nn.Module,
     target_layers: Sequence[str],
@@ -163,6 +177,7 @@ def export_model(
         log(f"exported ONNX graph in {time.perf_counter() - t0:.1f} s")
 
         figures: dict = {}
+        _check_loadable(tmp / GRAPH_FILE, proto)
         if check:
             t0 = time.perf_counter()
             figures = parity.check_parity(tmp / GRAPH_FILE, trace.joint_function(model, modules), outputs, num_outputs, size)
