@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export ORT_DISABLE_TELEMETRY := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install java test test-fast demo bench clean
+.PHONY: install java test-deps test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[export,serve,test]'
+	$(PY) -m pip install -q -e '.[export,serve,compare,postgres,test]'
 	# pytorch-grad-cam is the numerical oracle of the tests only; its declared deps would
 	# pull the GUI build of OpenCV beside the headless one, so it comes without them.
 	$(PY) -m pip install -q --no-deps grad-cam==1.5.7
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml
 java:
 	@bash scripts/ensure_java.sh
 
-test: install java
+# Services and tools the tests start for real: PostgreSQL (audit sink), Chromium (report).
+test-deps: java
+	@bash scripts/ensure_postgres.sh >/dev/null
+	@sh scripts/ensure_chromium.sh >/dev/null
+
+test: install test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
