@@ -68,6 +68,21 @@ def _peak_from_summaries(pairs: list[Pair], method: str) -> np.ndarray:
     return out
 
 
+def map_peaks(pairs: list[Pair], method: str, side: str) -> list[list[int] | None]:
+    """Each input's peak ``[x, y]`` on one side: map pixels (at the size compared), else the summary's."""
+    out: list[list[int] | None] = []
+    for p in pairs:
+        ans = getattr(p, side)
+        cam = ans.cams.get(method)
+        if cam is not None:
+            y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
+            out.append([int(x), int(y)])
+        else:
+            peak = ans.peaks.get(method)
+            out.append(None if peak is None else [int(v) for v in peak])
+    return out
+
+
 def method_similarity(pairs: list[Pair], method: str, share: float) -> tuple[dict[str, np.ndarray], str]:
     """Each metric ``[N]`` for one method, and where the maps came from (``maps`` or ``summary``)."""
     n = len(pairs)
@@ -96,9 +111,10 @@ def analyse(pairs: list[Pair], methods: list[str], *, share: float = TOP_SHARE) 
     """The summary (everything but gates): see the module docstring for what it holds."""
     n = len(pairs)
     agree = np.array([p.a.top1 == p.b.top1 for p in pairs])
-    sims, sources = {}, {}
+    sims, sources, peak = {}, {}, {}
     for m in methods:
         sims[m], sources[m] = method_similarity(pairs, m, share)
+        peak[m] = {s: map_peaks(pairs, m, s) for s in ("a", "b")}
     lat_a = np.array([p.a.latency_ms for p in pairs])
     lat_b = np.array([p.b.latency_ms for p in pairs])
     images = []
@@ -114,7 +130,8 @@ def analyse(pairs: list[Pair], methods: list[str], *, share: float = TOP_SHARE) 
             "topk_overlap": _num(len(set(ka) & set(kb)) / max(1, min(len(ka), len(kb)))),
             "top1_score_delta": _num(float(p.b.predictions[0]["score"]) - float(p.a.predictions[0]["score"])),
             "a_top1_score_delta": None if b_on_a is None else _num(b_on_a - float(p.a.predictions[0]["score"])),
-            "cam": {m: {k: _num(sims[m][k][i]) for k in METRICS} for m in methods},
+            "cam": {m: {**{k: _num(sims[m][k][i]) for k in METRICS},
+                        "peak_a": peak[m]["a"][i], "peak_b": peak[m]["b"][i]} for m in methods},
         })
     first = methods[0]
     iou, pear = sims[first]["iou"], sims[first]["pearson"]
