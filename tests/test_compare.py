@@ -225,3 +225,45 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(tiny, tmp_pat
     rgb = shot.reshape(-1, 3).astype(int)
     coloured = (rgb.max(1) - rgb.min(1)) > 80  # plot bars and heatmaps, not just black text on white
     assert coloured.mean() > 0.01
+
+
+def _record(version: str, shas: list[str], tops: list[int], peaks: list[list[int]], t: float) -> dict:
+    """A record shaped like Service.record (one entry per image, gradcam on the top class)."""
+    return {
+        "time": t, "request_id": f"r-{version}-{t}", "model": {"name": "m", "version": version},
+        "input_sha256": shas, "image_sizes": [[64, 64]] * len(shas), "outcome": "answered", "status": 200,
+        "images": [{"predictions": [{"index": c, "label": f"c{c}", "score": 0.9}, {"index": 9, "label": "c9", "score": 0.05}],
+                    "explanations": [{"method": "gradcam", "target": {"index": c, "label": f"c{c}", "score": 0.9},
+                                      "summary": {"peak": p}}]} for c, p in zip(tops, peaks)],
+        "timings_ms": {"preprocess": 1.0, "inference": 4.0, "cam": 2.0, "encode": 1.0},
+    }
+
+
+def test_audit_log_without_heatmaps_compares_answers_and_summary_peaks(tmp_path, capsys):
+    from camserve.audit.records import prepare
+    from camserve.audit.sqlite_sink import SQLiteSink
+
+    s1, s2, s3 = ("1" * 64, "2" * 64, "3" * 64)
+    sink = SQLiteSink(tmp_path / "log")
+    sink.append([prepare(r, "test") for r in (
+        _record("1.0", [s1], [0], [[5, 5]], 1.0),
+        _record("1.0", [s2], [1], [[9, 9]], 2.0),  # B never saw this input
+        _record("1.0", [s3], [2], [[0, 0]], 3.0),
+        _record("1.0", [s1], [3], [[10, 10]], 4.0),  # the same input again: the latest answer wins
+        _record("2.0", [s1, s3], [3, 1], [[13, 14], [30, 40]], 5.0),  # one request, two images
+    )])
+    sink.close()
+    out = tmp_path / "rep"
+    code, _, err = run_cli(capsys, "--audit", tmp_path / "log" / "audit.sqlite", "--a", "m/1.0", "--b", "m/2.0",
+                           "--out", out, "--min-cam-iou", "0.1")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["mode"] == "audit" and s["n_images"] == 2
+    assert [im["key"] for im in s["images"]] == [s1[:16], s3[:16]]
+    assert s["agreement"]["agree"] == 1 and s["disagreements"] == [s3[:16]] and s["divergent"] == [s1[:16]]
+    g = s["similarity"]["gradcam"]
+    assert g["source"] == "summary" and g["iou"] == {"n": 0} and g["pearson"] == {"n": 0}
+    assert [im["cam"]["gradcam"]["peak_px"] for im in s["images"]] == pytest.approx([5.0, 50.0])
+    assert s["latency_ms"]["a"]["p50"] == 8.0 and s["latency_ms"]["b"]["max"] == 8.0
+    assert code == 1 and s["failed_gates"] == ["min_cam_iou (gradcam)"], err  # no IoU known: the gate cannot pass
+    # also reachable as the log folder
+    assert run_cli(capsys, "--audit", tmp_path / "log", "--a", "m/1.0", "--b", "m/2.0", "--out", tmp_path / "rep2")[0] == 0

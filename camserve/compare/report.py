@@ -62,7 +62,8 @@ def plots(summary: dict[str, Any]) -> list[tuple[str, str]]:
                 if vals.size:
                     ax.hist(vals, bins=20, alpha=0.6, label=label, color=colour)
             ax.set_title(LABELS[k], fontsize=9)
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=7)
         fig.suptitle(f"CAM similarity, {m}", fontsize=10, y=1.04)
         out.append((f"CAM similarity ({m})", _fig_png(fig)))
     fig, ax = plt.subplots(figsize=(5, 2.6))
