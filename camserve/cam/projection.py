@@ -23,9 +23,11 @@ def _centred_positions(maps: np.ndarray) -> np.ndarray:
     """``[N, C, h, w]`` -> ``[N, h*w, C]`` float32 with per-channel means removed, NaN -> 0."""
     n, c, h, w = maps.shape
     x = np.nan_to_num(maps.reshape(n, c, h * w).astype(np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)
-    x = np.ascontiguousarray(x.transpose(0, 2, 1))
-    x -= x.mean(axis=1, keepdims=True)
-    return x
+    # Mean over the contiguous position axis of the transposed view, as pytorch-grad-cam
+    # does per image: the same summation order gives bit-equal centred features, which
+    # matters because LAPACK's singular-vector sign can flip on last-bit differences.
+    x = x.transpose(0, 2, 1)
+    return np.ascontiguousarray(x - x.mean(axis=1, keepdims=True))
 
 
 def first_component(maps: np.ndarray) -> np.ndarray:
@@ -36,13 +38,17 @@ def first_component(maps: np.ndarray) -> np.ndarray:
     factors ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``; we do that
     explicitly (``L = R^T`` from the QR of ``X^T``), which gives the same ``U`` including
     its sign at a fraction of the cost (no ``[h*w, C]`` right factor is ever formed).
+    LAPACK's sign is a discontinuous function of the input: last-bit differences (ONNX
+    Runtime vs PyTorch activations) can flip it where a Householder pivot is near zero.
     """
     n, _, h, w = maps.shape
     x = _centred_positions(maps)
     positions, channels = x.shape[1:]
-    if channels >= int(positions * 11 / 6):
+    wide = channels >= int(positions * 11 / 6)
+    if wide:
         x = np.linalg.qr(x.transpose(0, 2, 1), mode="r").transpose(0, 2, 1)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    # Otherwise the same call as pytorch-grad-cam (full_matrices=True: the same LAPACK path).
+    u, s, _ = np.linalg.svd(x, full_matrices=not wide)
     return (u[:, :, 0] * s[:, :1]).reshape(n, h, w).astype(np.float32)
 
 
