@@ -145,6 +145,10 @@ def test_identical_versions_agree_fully_and_pass_the_gates(tiny, tmp_path, capsy
     g = s["similarity"]["gradcam"]
     assert g["iou"]["min"] == 1.0 and g["pearson"]["min"] == pytest.approx(1.0) and g["peak_px"]["max"] == 0.0
     assert s["disagreements"] == []
+    from camserve.compare import compare_exports  # the Python API gives the same summary
+
+    api = compare_exports(str(a), str(a), str(images), min_agreement=1.0)
+    assert api["agreement"] == s["agreement"] and api["passed"] is True and api["n_images"] == 10
 
 
 def test_failed_gate_exits_1_and_names_it(tiny, tmp_path, capsys):
