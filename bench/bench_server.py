@@ -4,8 +4,8 @@ Serves resnet50 (random weights, 224 px, target layer ``layer4.-1``) and a trivi
 model in one TorchServe instance (one worker each, free loopback ports, token auth on) and
 sends a fixed number of JPEG requests at each concurrency (threads, one keep-alive
 ``http.client`` connection per thread), with explanations off (``/predictions``) and on
-(``/explanations``, GradCAM top-1, default PNG output). Off and on runs alternate per
-concurrency so that background load hits both alike. It reports images per second, p50
+(``/explanations``, GradCAM top-1, default PNG output). Off and on alternate in bursts
+(``--rounds``) at each concurrency, so that background load hits both alike. It reports images per second, p50
 and p99 latency, and checks issue 4's goals:
 
 * throughput with GradCAM on >= 0.85 x explanations off, per concurrency;
@@ -16,7 +16,7 @@ and p99 latency, and checks issue 4's goals:
 Memory: the resnet50 worker's peak RSS at model load (VmHWM right after READY) and its
 RSS/peak after the runs. Exports are cached under ``bench/.cache/`` (``check=False``).
 
-    python bench/bench_server.py [--requests 1:40,8:96,32:128] [--json PATH]
+    python bench/bench_server.py [--requests 1:40,8:80,32:96] [--rounds 2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -112,8 +112,18 @@ class RunResult:
     mean_batch: float
 
 
+@dataclass
+class Chunk:
+    """Raw samples of one burst: latencies (s), images per model call, errors, wall time (s)."""
+
+    latencies: list[float]
+    batches: list[int]
+    errors: dict[str, int]
+    wall_s: float
+
+
 def drive(url: str, token: str | None, model: str, body: bytes, explain: bool, total: int, concurrency: int,
-          timeout: float = 300.0) -> RunResult:
+          timeout: float = 300.0) -> Chunk:
     """Send ``total`` requests from ``concurrency`` threads; every answer is checked (status
     200, JSON with explanations exactly when asked)."""
     parts = urllib.parse.urlsplit(url)
@@ -166,12 +176,33 @@ def drive(url: str, token: str | None, model: str, body: bytes, explain: bool, t
     t0 = time.perf_counter()
     for th in threads:
         th.join()
-    wall = time.perf_counter() - t0
-    lat = np.array(latencies) * 1000.0 if latencies else np.array([np.nan])
-    return RunResult(model=model, explain=explain, concurrency=concurrency, requests=total, ok=len(latencies),
-                     errors=errors, wall_s=round(wall, 3), images_per_s=round(len(latencies) / wall, 2),
-                     p50_ms=round(float(np.percentile(lat, 50)), 1), p99_ms=round(float(np.percentile(lat, 99)), 1),
-                     mean_batch=round(float(np.mean(batches)) if batches else 0.0, 2))
+    return Chunk(latencies, batches, errors, time.perf_counter() - t0)
+
+
+def measure(url: str, token: str | None, model: str, body: bytes, total: int, concurrency: int,
+            rounds: int) -> list[RunResult]:
+    """Explanations off and on, ``total`` requests each, sent in ``rounds`` alternating bursts
+    (off, on, off, on, ...) so that the shared machine's changing load hits both alike."""
+    sizes = [total // rounds + (i < total % rounds) for i in range(rounds)]
+    chunks: dict[bool, list[Chunk]] = {False: [], True: []}
+    for size in sizes:
+        for explain in (False, True):
+            chunks[explain].append(drive(url, token, model, body, explain, size, concurrency))
+    out = []
+    for explain, parts in chunks.items():
+        lat = np.array([v for c in parts for v in c.latencies]) * 1000.0
+        batches = [b for c in parts for b in c.batches]
+        errors: dict[str, int] = {}
+        for c in parts:
+            for k, v in c.errors.items():
+                errors[k] = errors.get(k, 0) + v
+        wall = sum(c.wall_s for c in parts)
+        lat = lat if lat.size else np.array([np.nan])
+        out.append(RunResult(model=model, explain=explain, concurrency=concurrency, requests=total, ok=len(batches),
+                             errors=errors, wall_s=round(wall, 3), images_per_s=round(len(batches) / wall, 2),
+                             p50_ms=round(float(np.percentile(lat, 50)), 1), p99_ms=round(float(np.percentile(lat, 99)), 1),
+                             mean_batch=round(float(np.mean(batches)) if batches else 0.0, 2)))
+    return out
 
 
 # ---------------------------------------------------------------- measures -------
@@ -253,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = config.runtime.threads_for(1)
     runs: list[RunResult] = []
     memory: dict[str, Any] = {}
+    bare: float | None = None
     try:
         for export, name in ((resnet, "resnet50"), (trivial, "trivial")):
             build_archive(export, name=name, version="1.0", model_store=store, batch_size=args.batch_size,
@@ -266,26 +298,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for explain in (False, True):  # warm-up: first calls allocate
             drive(instance.inference_url, token, "resnet50", body, explain, args.warmup, 1)
             drive(instance.inference_url, token, "trivial", body, explain, args.warmup, 1)
-        for explain in (False, True):
-            runs.append(drive(instance.inference_url, token, "trivial", body, explain, args.single, 1))
-            print(_line(runs[-1]), flush=True)
-        for concurrency, total in args.requests:
-            for explain in (False, True):
-                runs.append(drive(instance.inference_url, token, "resnet50", body, explain, total, concurrency))
-                print(_line(runs[-1]), flush=True)
+        for model, concurrency, total in [("trivial", 1, args.single)] + [("resnet50", c, n) for c, n in args.requests]:
+            if model == "resnet50" and bare is None:  # next to the single-request runs, server idle
+                bare = bare_ort_ms(resnet, body, threads, args.single)
+                print(f"bare ONNX Runtime (resnet50, batch 1, {threads} threads): p50 {bare:.1f} ms", flush=True)
+            rounds = max(1, min(args.rounds, total // concurrency))
+            for r in measure(instance.inference_url, token, model, body, total, concurrency, rounds):
+                runs.append(r)
+                print(_line(r), flush=True)
         memory["after_run"] = proc_status(pid)
         memory["worker_pid"] = pid
     finally:
         if (run_dir / "state.json").is_file() or (run_dir / "tmp" / ".model_server.pid").is_file():
             server.stop(run_dir)
         shutil.rmtree(work, ignore_errors=True)
-    bare = bare_ort_ms(resnet, body, threads, args.single)
-    print(f"bare ONNX Runtime (resnet50, batch 1, {threads} threads): p50 {bare:.1f} ms", flush=True)
     return {
         "runs": [asdict(r) for r in runs],
-        "bare_ort_p50_ms": round(bare, 1),
+        "bare_ort_p50_ms": round(bare or float("nan"), 1),
         "memory_mb": memory,
-        "settings": {"requests": args.requests, "single": args.single, "batch_size": args.batch_size,
+        "settings": {"requests": args.requests, "rounds": args.rounds, "single": args.single, "batch_size": args.batch_size,
                      "max_batch_delay_ms": args.max_batch_delay, "ort_threads": threads, "image": f"{SIZE}x{SIZE} JPEG"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_before": [round(v, 2) for v in load_before],
@@ -346,9 +377,10 @@ def markdown(result: dict[str, Any], check: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=parse_requests, default=parse_requests("1:40,8:96,32:128"),
-                   help="CONCURRENCY:COUNT pairs for resnet50 (default 1:40,8:96,32:128)")
+    p.add_argument("--requests", type=parse_requests, default=parse_requests("1:40,8:80,32:96"),
+                   help="CONCURRENCY:COUNT pairs for resnet50 (default 1:40,8:80,32:96)")
     p.add_argument("--single", type=int, default=40, help="single requests to the trivial model and bare ORT runs (default 40)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating off/on bursts per concurrency (default 2)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up requests per model and mode (default 3)")
     p.add_argument("--batch-size", type=int, default=8, help="server batch size (default 8)")
     p.add_argument("--max-batch-delay", type=int, default=10, help="server max batch delay in ms (default 10)")
