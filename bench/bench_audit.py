@@ -10,7 +10,12 @@ audit's fixed cost per request without a model to hide it (the worst case); resn
 real model. Goal (issue 5): audited throughput >= 0.95 x auditing off. At the end every
 audited log is verified and its record count checked against the answered requests.
 
-    python bench/bench_audit.py [--rounds 3] [--concurrency 8] [--requests 64] [--json PATH]
+Before the server runs, the worker's own cost is measured in-process (``Service.handle`` on
+batches of 8, settings interleaved batch by batch, median wall and CPU time per request):
+on a small shared machine the server figures move by more than the 5% asked, the
+in-process ones do not.
+
+    python bench/bench_audit.py [--rounds 3] [--concurrency 8] [--requests 64] [--no-server] [--json PATH]
 """
 
 from __future__ import annotations
@@ -116,6 +121,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "load_after": [round(v, 2) for v in os.getloadavg()]}}
 
 
+def in_process(models: list[str], batches: int, batch: int = 8) -> dict[str, dict[str, dict[str, float]]]:
+    """The worker's own cost, without the frontend: ``Service.handle`` on batches of ``batch``
+    GradCAM requests (PNG output), settings interleaved batch by batch; median wall and
+    process CPU time (the writer thread included) per request, in ms."""
+    from camserve.audit.service import make_service
+    from camserve.config import load_config
+    from camserve.request import Request
+    from camserve.runtime import GraphSession
+
+    body = request_jpeg()
+    exports = {"resnet50": export_resnet50(), "trivial": export_trivial()}
+    work = Path(tempfile.mkdtemp(prefix="camserve-bench-audit-ip-"))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        for model in models:
+            session = GraphSession(exports[model], intra_op_threads=1)
+            services = {s: make_service(load_config(env={}, overrides={"audit": {**a, "path": str(work / f"{model}-{s}")}}), session)
+                        for s, a in SETTINGS.items()}
+            wall: dict[str, list[float]] = {s: [] for s in SETTINGS}
+            cpu: dict[str, list[float]] = {s: [] for s in SETTINGS}
+            for n in range(batches + 2):
+                for setting, service in services.items():
+                    reqs = [Request({"body": body}, f"{n}-{i}", True, "methods=gradcam") for i in range(batch)]
+                    w, c = time.perf_counter(), time.process_time()
+                    answers = service.handle(reqs)
+                    w, c = time.perf_counter() - w, time.process_time() - c
+                    assert all(a.status == 200 for a in answers)
+                    if n >= 2:  # the first two batches warm up
+                        wall[setting].append(w * 1000 / batch)
+                        cpu[setting].append(c * 1000 / batch)
+            for service in services.values():
+                if hasattr(service, "audit"):
+                    service.audit.close()
+            out[model] = {s: {"wall_ms": round(statistics.median(wall[s]), 3), "cpu_ms": round(statistics.median(cpu[s]), 3)}
+                          for s in SETTINGS}
+            for s, v in out[model].items():
+                print(f"  in-process {model:9s} {s:16s} wall {v['wall_ms']:7.2f} ms  cpu {v['cpu_ms']:7.2f} ms per request", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def markdown_in_process(result: dict[str, Any]) -> str:
+    rows = ["| model | audit | wall ms / request (x off) | CPU ms / request (x off) |", "|---|---|---:|---:|"]
+    for model, per in result.items():
+        off = per["off"]
+        for s, v in per.items():
+            rows.append(f"| {model} | {s} | {v['wall_ms']:.2f} ({v['wall_ms'] / off['wall_ms']:.3f}) | "
+                        f"{v['cpu_ms']:.2f} ({v['cpu_ms'] / off['cpu_ms']:.3f}) |")
+    return "\n".join(rows)
+
+
 def markdown(result: dict[str, Any]) -> str:
     models = list(result["median"]["off"])
     rows = ["| audit | " + " | ".join(f"{m} img/s (x off)" for m in models) + " |", "|---|" + "---:|" * len(models)]
@@ -146,11 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batch-delay", type=int, default=10)
     p.add_argument("--ort-threads", type=int, default=0)
+    p.add_argument("--in-process-batches", type=int, default=30,
+                   help="batches of 8 per setting for the in-process measure (0 = skip; default 30)")
+    p.add_argument("--no-server", action="store_true", help="only the in-process measure")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    result = run(args)
+    result: dict[str, Any] = {}
+    if args.in_process_batches:
+        result["in_process"] = in_process(args.models, args.in_process_batches)
+    if not args.no_server:
+        result.update(run(args))
     print()
-    print(markdown(result))
+    if "in_process" in result:
+        print(markdown_in_process(result["in_process"]))
+        print()
+    if "median" in result:
+        print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
