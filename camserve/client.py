@@ -89,6 +89,8 @@ def post_image(url: str, data: bytes, content_type: str, token: str | None, time
         raise ClientError(f"HTTP {exc.code} {kind}: {detail}".replace("  ", " ")) from None
     except urllib.error.URLError as exc:
         raise ClientError(f"cannot reach {url}: {exc.reason}") from None
+    except (TimeoutError, ConnectionError) as exc:  # after connecting: read timeout, reset
+        raise ClientError(f"no answer from {url}: {exc or type(exc).__name__}") from None
     except ValueError:
         raise ClientError(f"the server at {url} did not answer JSON") from None
 

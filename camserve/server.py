@@ -280,6 +280,10 @@ def start(
         models=identities,
     )
     env = {**os.environ, **instance.env(), **to_env(config), "JAVA_HOME": str(Path(java).resolve().parent.parent)}
+    # ONNX Runtime has its threads; numpy's BLAS spinning up its own pool beside them made
+    # the CAM post-processing (batched SVD/matmul) 10-30x slower on a busy host.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     if config_file:
         env[CONFIG_ENV] = str(Path(config_file).resolve())
     torchserve = Path(sys.executable).parent / "torchserve"

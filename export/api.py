@@ -74,7 +74,7 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     example = (torch.randn(2, 3, *size), torch.randn(2, *spec.shape))
     # functionalize: in-place ops before the layer (ReLU(inplace=True)) must not keep
     # dead code alive.
-    with trace.pool_fix(model):
+    with trace.pool_fix(model), trace.frozen(model):
         gm = make_fx(
             torch.func.functionalize(head, remove="mutations_and_views"),
             decomposition_table=trace.decomposition_table(),

@@ -82,6 +82,20 @@ def pool_fix(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters without requires_grad while tracing (no parameter gradient is traced);
+    the caller's flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def joint_function(model: nn.Module, layers: Sequence[nn.Module]):
     """The function that is traced: forward, cotangent selection, input-free backward."""
 
@@ -124,11 +138,9 @@ def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[to
     """Trace ``joint`` with a symbolic batch into an ATen graph ready for ONNX export."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for p in model.parameters():
-        p.requires_grad_(False)
     model.eval()
     fn = joint_function(model, layers)
-    with sdpa_kernel(SDPBackend.MATH), pool_fix(model):
+    with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model):
         gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *batch_symbolic(example)
         )

@@ -160,6 +160,15 @@ def test_2000_requests_from_16_clients_give_2000_chained_records(audited_server)
         assert r["images"][0]["explanations"][0]["summary"] == by_id[r["request_id"]]["images"][0]["explanations"][0]["summary"]
     report = verify(open_sink(config))
     assert report.ok and report.records == before + 2000, report.problems[:3]
+    # the workers' audit counters reach TorchServe's metrics endpoint
+    from camserve.metrics import parse_prometheus
+
+    status, _, text = http_call("GET", f"{instance.metrics_url}/metrics")
+    samples = parse_prometheus(text.decode())
+    written = sum(v for (name, labels), v in samples.items()
+                  if name == "camserve_audit_records_total" and dict(labels).get("model_name") == "tiny")
+    assert status == 200 and written >= 2000
+    assert not any(name == "camserve_audit_records_lost_total" and v > 0 for (name, _), v in samples.items())
 
 
 def test_worker_killed_mid_load_loses_no_answered_record(audited_server):

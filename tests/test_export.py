@@ -136,6 +136,7 @@ def test_several_layers_and_labels(tmp_path):
     assert [lay.name for lay in m.target_layers] == ["features.0", "features.2"]
     assert [lay.shape for lay in m.target_layers] == [(8, 16, 24), (8, 8, 12)]
     assert m.labels == ("a", "b", "c", "d")
+    assert all(p.requires_grad for p in model.parameters())  # the caller's model is left as it was
     res = GraphSession(tmp_path).run(np.ones((2, 3, 16, 24), np.float32), np.eye(4, dtype=np.float32)[:2])
     assert [a.shape for a in res.activations] == [(2, 8, 16, 24), (2, 8, 8, 12)]
     with pytest.raises(CamserveError, match="3 labels given but the model has 4 outputs"):
