@@ -54,7 +54,7 @@ def build_archive(
     mar_name: str | None = None,
     batch_size: int = 8,
     max_batch_delay_ms: int = 10,
-    workers: int = 1,
+    workers: int | None = None,
     response_timeout_s: int = 120,
     handler: str | Path = HANDLER,
     force: bool = False,
@@ -76,17 +76,16 @@ def build_archive(
         archiver = Path(shutil.which("torch-model-archiver") or "torch-model-archiver")
     with tempfile.TemporaryDirectory(prefix="camserve-archive-") as tmp:
         config = Path(tmp) / "model-config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "minWorkers": workers,
-                    "maxWorkers": workers,
-                    "batchSize": batch_size,
-                    "maxBatchDelay": max_batch_delay_ms,
-                    "responseTimeout": response_timeout_s,
-                }
-            )
-        )
+        settings: dict[str, int] = {
+            "batchSize": batch_size,
+            "maxBatchDelay": max_batch_delay_ms,
+            "responseTimeout": response_timeout_s,
+        }
+        if workers is not None:
+            # TorchServe lets the archive's worker count win over config.properties, so it
+            # is written only when asked: otherwise `camserve serve --workers` decides.
+            settings |= {"minWorkers": workers, "maxWorkers": workers}
+        config.write_text(yaml.safe_dump(settings))
         cmd = [
             str(archiver),
             "--model-name", name,
@@ -133,6 +132,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mar-name", help="archive file name without .mar (default NAME; use NAME-V to keep versions side by side)")
     p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
     p.add_argument("--max-batch-delay", type=int, default=10, help="milliseconds to wait to fill a batch (default 10)")
-    p.add_argument("--workers", type=int, default=1, help="workers per model version (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="workers per model version, fixed in the archive (default: as `camserve serve --workers` says)")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
     p.set_defaults(func=_run)
