@@ -219,3 +219,28 @@ def test_cli_export_and_errors(tmp_path):
     missing = _cli("export", "torchvision:resnet18", "--target-layer", "layer4", "--weights", str(tmp_path / "none.pt"),
                    "--out", str(tmp_path / "bad"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_factory_spec_and_bad_specs():
+    from camserve.export import load_model
+
+    assert isinstance(load_model("camserve.demo:build_model"), nn.Module)
+    with pytest.raises(CamserveError, match="'nosuch.module:f'"):
+        load_model("nosuch.module:f")
+    with pytest.raises(CamserveError, match="not a torch.nn.Module"):
+        load_model("camserve.errors:CamserveError")  # callable, but returns an exception, not a module
+    with pytest.raises(CamserveError, match="must be 'torchvision:NAME'"):
+        load_model("resnet50")
+
+
+def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
+    from camserve.errors import ParityError
+    from camserve.export import parity
+
+    def off_by_a_lot(name, ours, ref, tol=parity.TOL):
+        return {"max_rel_err": 0.5, "share_off": 0.2, "scale": 1.0}
+
+    monkeypatch.setattr(parity, "compare", off_by_a_lot)
+    with pytest.raises(ParityError, match="disagree"):
+        export_model(TwoLayer(), ["features.-1"], tmp_path, input_size=16)
+    assert list(tmp_path.iterdir()) == []
