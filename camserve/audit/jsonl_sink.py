@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import GENESIS, Filter, Stored, columns, limited, seal
+from .records import GENESIS, Filter, Stored, chain, columns, limited
 from .sink import Blob, Sink, SinkError, owner_only_dir, touch_private
 
 ACTIVE = "audit.jsonl"
@@ -89,12 +89,11 @@ class JSONLSink(Sink):
                 touch_private(active)
                 fd = os.open(active, os.O_RDWR | os.O_APPEND)
             lines, out = [], []
-            for record in records:
-                seq += 1
-                body, digest = seal(record, seq, prev)
+            for n, _prev, body, digest in chain(records, seq, prev):
                 lines.append(body[:-1] + f',"hash":"{digest}"}}\n')
-                out.append((seq, digest))
-                prev = digest
+                out.append((n, digest))
+            if out:
+                seq, prev = out[-1]
             data = "".join(lines).encode("utf-8")
             written = os.write(fd, data)
             if written != len(data):

@@ -14,12 +14,11 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator
 
-from .records import GENESIS, Filter, Stored, columns, seal
+from .records import COLUMNS, GENESIS, Filter, Stored, table_rows
 from .sink import Blob, Sink, SinkError
 
 #: Advisory lock key (any constant shared by every camserve writer): "camserve" in ASCII.
 LOCK_KEY = 0x63616D7365727665 & 0x7FFFFFFFFFFFFFFF
-COLUMNS = ("time", "request_id", "model", "version", "outcome", "inputs", "classes")
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS camserve_audit (
         seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, prev_hash TEXT NOT NULL,
@@ -83,14 +82,7 @@ class PostgresSink(Sink):
                         )
                     row = cur.execute("SELECT seq, hash FROM camserve_audit ORDER BY seq DESC LIMIT 1").fetchone()
                     seq, prev = row if row else (0, GENESIS)
-                    rows, out = [], []
-                    for record in records:
-                        seq += 1
-                        body, digest = seal(record, seq, prev)
-                        cols = columns(record)
-                        rows.append((seq, digest, prev, *(cols[c] for c in COLUMNS), body))
-                        out.append((seq, digest))
-                        prev = digest
+                    rows, out = table_rows(records, seq, prev)
                     cur.executemany(f"INSERT INTO camserve_audit VALUES ({', '.join(['%s'] * (4 + len(COLUMNS)))})", rows)
         except psycopg.Error as exc:
             self.close()

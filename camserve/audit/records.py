@@ -19,7 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterator, Iterable
 
 GENESIS = "0" * 64
 #: Keys the service may add that are not JSON (arrays, bytes): kept out of the stored body.
@@ -77,6 +77,32 @@ def classes_of(record: dict[str, Any]) -> list[int]:
             out.append(int(preds[0]["index"]))
         out.extend(int(e["target"]["index"]) for e in image.get("explanations") or [])
     return sorted(set(out))
+
+
+def chain(records: list[dict[str, Any]], seq: int, prev: str) -> Iterator[tuple[int, str, str, str]]:
+    """Seal ``records`` in order after entry ``seq`` whose hash is ``prev``.
+
+    Yields ``(seq, prev_hash, body, hash)`` per record; every sink appends through this.
+    """
+    for record in records:
+        seq += 1
+        body, digest = seal(record, seq, prev)
+        yield seq, prev, body, digest
+        prev = digest
+
+
+#: The indexed columns of the table sinks, stored after (seq, hash, prev_hash), before body.
+COLUMNS = ("time", "request_id", "model", "version", "outcome", "inputs", "classes")
+
+
+def table_rows(records: list[dict[str, Any]], seq: int, prev: str) -> tuple[list[tuple], list[tuple[int, str]]]:
+    """Rows ``(seq, hash, prev_hash, *COLUMNS, body)`` and the ``(seq, hash)`` of each."""
+    rows, out = [], []
+    for (n, prev_hash, body, digest), record in zip(chain(records, seq, prev), records):
+        cols = columns(record)
+        rows.append((n, digest, prev_hash, *(cols[c] for c in COLUMNS), body))
+        out.append((n, digest))
+    return rows, out
 
 
 def columns(record: dict[str, Any]) -> dict[str, Any]:

@@ -16,10 +16,9 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import GENESIS, Filter, Stored, columns, seal
+from .records import COLUMNS, GENESIS, Filter, Stored, table_rows
 from .sink import Blob, Sink, SinkError, owner_only_dir, touch_private
 
-COLUMNS = ("time", "request_id", "model", "version", "outcome", "inputs", "classes")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, prev_hash TEXT NOT NULL,
@@ -62,7 +61,8 @@ class SQLiteSink(Sink):
                             conn.execute(stmt)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # not after SQLite's own rollback (see append)
+                        conn.execute("ROLLBACK")
                     raise
             except (sqlite3.Error, OSError) as exc:
                 raise SinkError(f"cannot open the SQLite audit log {self.file}: {exc}") from None
@@ -77,18 +77,14 @@ class SQLiteSink(Sink):
                 conn.executemany("INSERT OR IGNORE INTO blobs (sha256, kind, data) VALUES (?, ?, ?)", list(blobs))
                 row = conn.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
                 seq, prev = row if row else (0, GENESIS)
-                out, rows = [], []
-                for record in records:
-                    seq += 1
-                    body, digest = seal(record, seq, prev)
-                    cols = columns(record)
-                    rows.append((seq, digest, prev, *(cols[c] for c in COLUMNS), body))
-                    out.append((seq, digest))
-                    prev = digest
+                rows, out = table_rows(records, seq, prev)
                 conn.executemany(f"INSERT INTO records VALUES ({', '.join('?' * (4 + len(COLUMNS)))})", rows)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite has already rolled back after some errors (SQLITE_FULL: disk full); a
+                # second ROLLBACK would raise and hide the reason ("no transaction is active").
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             self.close()
