@@ -9,7 +9,9 @@ pid file and the worker sockets there, so two instances never steal each other's
 Defaults: every address 127.0.0.1, token authorization on, model registration API off,
 gRPC ports set explicitly (a clash there would kill the server after start), Prometheus
 metrics mode, batching as configured. Readiness is not ``/ping`` (healthy before any model
-loads) but the management API reporting a READY worker for every model version.
+loads) but the management API reporting a READY worker for every model version; a version
+whose worker died while loading is reported with the reason from the model log
+(:mod:`camserve.load_errors`) instead of being waited for until the start timeout.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import CONFIG_ENV, Config, load_config, to_env
 from .errors import CamserveError
 from .java import find_java
+from .load_errors import load_failures
 from .audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
 
 class ServerError(CamserveError):
@@ -75,6 +78,9 @@ class Instance:
     metrics_url: str
     models: dict[str, list[str]]
     pid: int = 0
+    #: ``{"NAME VERSION": reason}``: versions whose worker died while loading at start
+    #: (TorchServe keeps retrying them with back-off; every other version is READY).
+    failed: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Instance:
@@ -196,16 +202,34 @@ def ready_models(instance: Instance) -> dict[str, list[str]]:
     return out
 
 
-def wait_ready(instance: Instance, timeout: float, proc_alive=lambda: True) -> None:
-    """Poll the management API until every model version has a READY worker."""
+def wait_ready(instance: Instance, timeout: float, proc_alive=lambda: True, log_offset: int = 0) -> dict[str, str]:
+    """Poll the management API until every model version has a READY worker or failed to load.
+
+    A version fails to load when its worker dies while loading (reason from the model log
+    after ``log_offset``); TorchServe would retry it forever, so waiting for it would only
+    end at ``timeout``. Returns ``{"NAME VERSION": reason}`` of the failed versions, and
+    raises :class:`ServerError` naming each reason when none loaded.
+    """
     deadline = time.monotonic() + timeout
+    log = instance.run_dir / "logs" / "model_log.log"
+    seen: dict[tuple[str, str], str] = {}
     while time.monotonic() < deadline:
         try:
             ready = ready_models(instance)
         except (OSError, ValueError):
             ready = {}
-        if all(set(v) <= set(ready.get(name, [])) for name, v in instance.models.items()):
-            return
+        missing = {(name, v) for name, versions in instance.models.items() for v in versions if v not in ready.get(name, [])}
+        # a death counts once seen in two polls: its traceback (the reason) is logged after it
+        deaths = load_failures(log, instance.models, log_offset)
+        failed = {key: why for key, why in deaths.items() if key in missing and key in seen}
+        seen = deaths
+        if missing and set(failed) == missing and proc_alive():
+            report = "; ".join(f"{n} {v}: {why}" for (n, v), why in sorted(failed.items()))
+            if len(failed) == sum(len(v) for v in instance.models.values()):
+                raise ServerError(f"no model loaded ({report}); see {log}")
+            return {f"{n} {v}": why for (n, v), why in sorted(failed.items())}
+        if not missing:
+            return {}
         if not proc_alive():
             reason = start_error(instance.run_dir)
             raise ServerError(f"TorchServe exited during start ({reason or 'no reason logged'}); see {instance.run_dir / 'logs'}")
@@ -292,6 +316,8 @@ def start(
     console = run_dir / "logs" / "console.log"
     pid_file = run_dir / "tmp" / ".model_server.pid"
     pid_file.unlink(missing_ok=True)
+    model_log = run_dir / "logs" / "model_log.log"
+    log_offset = model_log.stat().st_size if model_log.is_file() else 0  # the log outlives restarts
     with open(console, "ab") as log:
         code = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120).returncode
     text = console.read_text(errors="replace")
@@ -301,10 +327,13 @@ def start(
     instance.save()
     if wait:
         try:
-            wait_ready(instance, s.startup_timeout_s, proc_alive=lambda: _alive(instance.pid))
+            failed = wait_ready(instance, s.startup_timeout_s, proc_alive=lambda: _alive(instance.pid), log_offset=log_offset)
         except ServerError:
             stop(run_dir)
             raise
+        if failed:
+            instance = Instance(**{**instance.__dict__, "failed": failed})
+            instance.save()
     keys = run_dir / "key_file.json"
     if keys.exists():
         keys.chmod(0o600)
@@ -412,7 +441,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.inference_host and args.inference_host not in ("127.0.0.1", "localhost", "::1") and not config.server.token_auth:
         print(f"camserve: warning: the inference API on {args.inference_host} accepts requests without a token", file=sys.stderr)
-    print(f"camserve: serving {', '.join(f'{n} {v}' for n, vs in instance.models.items() for v in vs)}")
+    print(f"camserve: serving {', '.join(f'{n} {v}' for n, vs in instance.models.items() for v in vs if f'{n} {v}' not in instance.failed)}")
+    for model, why in instance.failed.items():
+        print(f"camserve: warning: model {model} did not load: {why} (TorchServe keeps retrying it; "
+              f"see {instance.run_dir / 'logs' / 'model_log.log'})", file=sys.stderr)
     print(f"  inference  {instance.inference_url}\n  management {instance.management_url}\n  metrics    {instance.metrics_url}/metrics")
     if instance.key("inference"):
         print(f"  tokens     {instance.run_dir / 'key_file.json'} (send 'Authorization: Bearer <key>')")
