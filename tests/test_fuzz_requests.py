@@ -140,3 +140,30 @@ def test_memory_stays_bounded_over_many_bad_requests(service):
     for _ in range(300):
         round_trip()
     assert rss_mb() - before < 50
+
+
+def test_limits_are_enforced_before_any_decoding(service, monkeypatch):
+    """Body size, images per request, targets and methods are refused before a pixel is decoded."""
+    import camserve.imageio as imageio
+
+    strict = Service(service.session, Limits(max_body_bytes=8000, max_images_per_request=2, max_targets=2, max_methods=1,
+                                             max_pixels=4_000_000))
+    decoded: list[int] = []
+    real_decode = imageio.decode
+    monkeypatch.setattr(imageio, "decode", lambda data, *a, **k: decoded.append(len(data)) or real_decode(data, *a, **k))
+    small = png_bytes(sample_image(1))
+    big = encoded(".bmp", 2, (64, 64))  # 12 KB uncompressed
+    cases = {
+        "body_too_large": Request({"body": big}, "1"),
+        "too_many_images": Request({"a": small, "b": small, "c": small}, "2"),
+        "bad_parameter": Request({"body": small}, "3", explain_route=True, header_params="target=topk&topk=3"),
+        "methods": Request({"body": small}, "4", explain_route=True, header_params="methods=gradcam,layercam"),
+    }
+    responses = strict.handle(list(cases.values()))
+    for (kind, _), response in zip(cases.items(), responses):
+        body = check_answer(response)
+        assert 400 <= response.status < 500, kind
+        assert kind in body["error"]["kind"] or kind in body["error"]["message"] or "limit" in body["error"]["message"], body
+    assert decoded == []  # nothing was decoded for any refused request
+    ok = strict.handle([Request({"body": small}, "5", explain_route=True)])[0]
+    assert ok.status == 200 and decoded == [len(small)]
