@@ -186,3 +186,15 @@ def vit_reshape(grid: int) -> Callable:
 
 def nhwc_reshape(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
+
+
+class SmallReLU(nn.Module):
+    """A cut of the model at a ReLU output (minimum activation 0): the paper's zero ablation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 48, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(48, 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))

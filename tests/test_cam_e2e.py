@@ -16,7 +16,7 @@ from torch import nn
 
 from camserve.cam import TopK, explain
 
-from cam_reference import reference_cams, reinit_zero_linears, vit_reshape
+from cam_reference import SmallReLU, reference_cams, reinit_zero_linears, vit_reshape
 
 export = pytest.importorskip("camserve.export")
 from camserve.runtime import GraphSession  # noqa: E402
@@ -83,20 +83,10 @@ def test_resnet18_onnx_top1_and_aug_smooth(resnet18_export: Exported) -> None:
     resnet18_export.compare(images, [TopK(1)] * 2, ["gradcam", "layercam"], default_targets=True, aug_smooth=True)
 
 
-class _SmallReLU(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 48, 3, stride=2, padding=1), nn.ReLU())
-        self.fc = nn.Linear(48, 9)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-
 @pytest.fixture(scope="session")
 def small_relu_export(tmp_path_factory) -> Exported:
     torch.manual_seed(13)
-    return Exported(_SmallReLU(), "features", 32, tmp_path_factory.mktemp("cam-small"), head=True)
+    return Exported(SmallReLU(), "features", 32, tmp_path_factory.mktemp("cam-small"), head=True)
 
 
 @pytest.mark.slow

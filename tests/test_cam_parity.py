@@ -20,7 +20,7 @@ from torch import nn
 from camserve.cam import TopK, explain
 from camserve.manifest import LayerSpec
 
-from cam_reference import TorchSession, nhwc_reshape, reference_cams, reinit_zero_linears, vit_reshape
+from cam_reference import SmallReLU, TorchSession, nhwc_reshape, reference_cams, reinit_zero_linears, vit_reshape
 
 TOL = 1e-4
 GRADIENT_FAMILY = ["gradcam", "hirescam", "gradcamelementwise", "gradcam++", "xgradcam", "layercam", "eigencam", "eigengradcam", "kpcacam", "fem"]
@@ -52,18 +52,6 @@ class Case:
             assert ref.max() > 0.5, f"{method}: reference CAM is degenerate"
             diff = float(np.abs(ours - ref).max())
             assert diff <= TOL, f"{method} (eigen_smooth={eigen_smooth}, aug_smooth={aug_smooth}): max abs diff {diff:.2e}"
-
-
-class _SmallReLU(nn.Module):
-    """A cut of the model at a ReLU output (minimum activation 0): the paper's zero ablation."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 48, 3, stride=2, padding=1), nn.ReLU())
-        self.fc = nn.Linear(48, 9)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +103,7 @@ def test_multi_layer_combination() -> None:
 def test_aug_smooth(eigen_smooth: bool) -> None:
     # the augmentation logic is model-independent: a small CNN keeps 6 copies x methods cheap
     torch.manual_seed(8)
-    case = Case(_SmallReLU(), ["features"], [LayerSpec("features", "NCHW", (48, 8, 8))], 32)
+    case = Case(SmallReLU(), ["features"], [LayerSpec("features", "NCHW", (48, 8, 8))], 32)
     images = _images(2, 32, seed=3)
     case.compare(images, [[1], [2, 4]], ["gradcam", "gradcam++", "hirescam", "eigencam"], aug_smooth=True, eigen_smooth=eigen_smooth)
     # TopK(1): every augmented copy ranks its own logits, like pytorch-grad-cam with targets=None
@@ -158,7 +146,7 @@ def test_scorecam_and_ablationcam_relu_layer(eigen_smooth: bool) -> None:
     # (resnet18 took minutes). With minimum 0 its stock ablation rule equals ours, so the
     # reference runs with pytorch-grad-cam's default AblationLayer here.
     torch.manual_seed(7)
-    case = Case(_SmallReLU(), ["features"], [LayerSpec("features", "NCHW", (48, 8, 8))], 32)
+    case = Case(SmallReLU(), ["features"], [LayerSpec("features", "NCHW", (48, 8, 8))], 32)
     case.compare(_images(2, 32, seed=8), [[1], [2, 4]], ["scorecam", "ablationcam"], eigen_smooth=eigen_smooth,
                  batch_size=16, stock_ablation=True)
 
