@@ -19,7 +19,7 @@ from .errors import CamserveError  # noqa: E402
 #: Sub-command modules, imported lazily so ``camserve --help`` does not import torch.
 COMMANDS: tuple[str, ...] = (
     "camserve.export.cli",
-    "camserve.archive", "camserve.server", "camserve.client",
+    "camserve.archive", "camserve.serve_cli", "camserve.client",
     "camserve.audit.cli", "camserve.compare.cli",
 )
 
