@@ -45,8 +45,6 @@ def reinit_zero_linears(model: nn.Module, seed: int = 0) -> nn.Module:
 class TorchSession:
     """GraphSession look-alike computed with PyTorch (activations in the layer's layout)."""
 
-    has_target_rank = True
-
     def __init__(self, model: nn.Module, layers: Sequence[str], specs: Sequence[LayerSpec], input_size: int, num_classes: int):
         self.model = model.eval()
         self.modules = [module_at(model, p) for p in layers]

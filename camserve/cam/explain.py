@@ -3,7 +3,7 @@
 Graph runs per call (``R`` = total (image, target) rows, x6 with ``aug_smooth``):
 
 * one run over the ``R`` rows serves every gradient method (one-hot cotangents for explicit
-  classes, ``target_rank`` for TopK; a graph without that input costs one extra forward);
+  classes, ``target_rank`` for TopK);
 * activation-only methods reuse it, or take a single forward run over the images;
 * FinerCAM adds one run with its own cotangent; ScoreCAM and AblationCAM add their batched
   masked-input / head-graph runs (see :mod:`camserve.cam.runs`).
@@ -55,15 +55,6 @@ def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
     return specs
 
 
-def has_target_rank(session: Any) -> bool:
-    """Whether the session's graph takes the ``target_rank`` input (TopK in one run)."""
-    flag = getattr(session, "has_target_rank", None)
-    if flag is not None:
-        return bool(flag)
-    inner = getattr(session, "session", None)
-    return inner is not None and any(i.name == "target_rank" for i in inner.get_inputs())
-
-
 class _Runs:
     """Graph calls of one explanation, timed (``seconds``); also the ScoreCAM/AblationCAM runner."""
 
@@ -89,16 +80,9 @@ class _Runs:
         return self.call(self.session.run, self.images)
 
     def targets(self, rows: Rows, num_classes: int) -> GraphOutputs:
-        """One run with a gradient per row (a forward first only if the graph can't rank)."""
-        batch = self.images[rows.image]
-        if not (rows.rank >= 0).any():
-            return self.call(self.session.run, batch, rows.one_hot(num_classes))
-        if has_target_rank(self.session):
-            return self.call(self.session.run, batch, rows.one_hot(num_classes), target_rank=rows.rank)
-        logits = self.forward().logits[rows.image]
-        cotangent = np.zeros((len(rows), num_classes), dtype=np.float32)
-        cotangent[np.arange(len(rows)), rows.resolve(logits)] = 1.0
-        return self.call(self.session.run, batch, cotangent)
+        """One run with a gradient per row: one-hot cotangents for explicit classes, the
+        graph's ``target_rank`` input for ranked ones (every exported graph has it)."""
+        return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank)
 
 
 def explain(
