@@ -95,12 +95,13 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     return names
 
 
-def _check_loadable(graph: Path, proto: onnx.ModelProto) -> None:
-    """The installed ONNX Runtime must read the graph (opset and IR version included)."""
+def _load_checked(graph: Path, proto: onnx.ModelProto):
+    """A CPU session over the graph: the installed ONNX Runtime must read it (opset and IR
+    version included). The parity check runs on this same session."""
     import onnxruntime as ort
 
     try:
-        ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     except Exception as exc:
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         raise ExportError(
@@ -177,10 +178,10 @@ def export_model(
         log(f"exported ONNX graph in {time.perf_counter() - t0:.1f} s")
 
         figures: dict = {}
-        _check_loadable(tmp / GRAPH_FILE, proto)
+        session = _load_checked(tmp / GRAPH_FILE, proto)
         if check:
             t0 = time.perf_counter()
-            figures = parity.check_parity(tmp / GRAPH_FILE, trace.joint_function(model, modules), outputs, num_outputs, size)
+            figures = parity.check_parity(session, trace.joint_function(model, modules), outputs, num_outputs, size)
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():
