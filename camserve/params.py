@@ -39,6 +39,11 @@ PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smoot
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
 DEFAULT_TOPK = 3
+#: Bounds on every parameter source (header, multipart ``params`` field, query values): a
+#: JSON text or a single value longer than this, or JSON nested deeper than an object of
+#: lists, is refused as ``bad_parameter`` before it is interpreted.
+MAX_PARAMS_BYTES = 4096
+MAX_JSON_DEPTH = 2
 
 
 class UnknownParameter(InputError):
@@ -79,13 +84,57 @@ class RequestParams:
 def as_text(name: str, value: Any) -> str:
     """A parameter value as text (TorchServe hands query values over as bytes)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) > MAX_PARAMS_BYTES:
+            raise BadParameter(f"parameter {name!r} has {len(value)} bytes, more than the limit of {MAX_PARAMS_BYTES}")
         try:
             return bytes(value).decode("utf-8").strip()
         except UnicodeDecodeError:
             raise BadParameter(f"parameter {name!r} is not UTF-8 text") from None
     if isinstance(value, (list, tuple)):
-        return ",".join(as_text(name, v) for v in value)
-    return str(value).strip()
+        if any(isinstance(v, (list, tuple, dict)) for v in value):
+            raise BadParameter(f"parameter {name!r} holds a nested list or object; give a flat list")
+        text = ",".join(as_text(name, v) for v in value)
+    elif isinstance(value, dict):
+        raise BadParameter(f"parameter {name!r} is a JSON object; give a string, a number or a list")
+    else:
+        text = str(value).strip()
+    if len(text) > MAX_PARAMS_BYTES:
+        raise BadParameter(f"parameter {name!r} has {len(text)} characters, more than the limit of {MAX_PARAMS_BYTES}")
+    return text
+
+
+def json_object(text: str | bytes | bytearray, source: str) -> dict[str, Any]:
+    """A parameter source's JSON object, bounded in size and depth (see :data:`MAX_PARAMS_BYTES`).
+
+    Every failure (too long, not JSON, nested too deep for the parser or for us, not an
+    object) is a :class:`BadParameter` naming ``source``: nothing a client sends can make
+    parameter parsing raise anything else.
+    """
+    if len(text) > MAX_PARAMS_BYTES:
+        raise BadParameter(f"{source} has {len(text)} bytes, more than the limit of {MAX_PARAMS_BYTES}")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise BadParameter(f"{source} is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadParameter(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadParameter(f"{source} must be a JSON object, got {type(value).__name__}")
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise BadParameter(f"{source} is nested too deeply (at most {MAX_JSON_DEPTH} levels: an object of lists)")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of containers in a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -155,10 +204,7 @@ def merge_sources(query: Mapping[str, Any], json_field: Any | None) -> dict[str,
     if json_field is None:
         return merged
     if isinstance(json_field, (bytes, bytearray, str)):
-        try:
-            json_field = json.loads(json_field)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadParameter(f"the params field is not valid JSON: {exc}") from None
+        json_field = json_object(json_field, "the params field")
     if not isinstance(json_field, dict):
         raise BadParameter(f"the params field must be a JSON object, got {type(json_field).__name__}")
     for key, value in json_field.items():

@@ -8,14 +8,13 @@ header; :mod:`camserve.service` does the work.
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
 from . import imageio
 from .errors import InputError
-from .params import JSON_FIELDS, PARAM_NAMES, BadParameter, UnknownParameter
+from .params import JSON_FIELDS, MAX_PARAMS_BYTES, PARAM_NAMES, BadParameter, UnknownParameter, json_object
 
 #: Request header carrying parameters (``methods=gradcam&target=topk`` or a JSON object):
 #: TorchServe 0.12 forwards the query string only on its legacy routes
@@ -63,14 +62,10 @@ def header_source(text: str | None) -> dict[str, Any] | None:
     if text is None or not text.strip():
         return None
     text = text.strip()
+    if len(text) > MAX_PARAMS_BYTES:
+        raise BadParameter(f"the {PARAMS_HEADER} header has {len(text)} characters, more than the limit of {MAX_PARAMS_BYTES}")
     if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise BadParameter(f"the {PARAMS_HEADER} header is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise BadParameter(f"the {PARAMS_HEADER} header must hold a JSON object")
-        return value
+        return json_object(text, f"the {PARAMS_HEADER} header")
     try:
         pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
     except ValueError:

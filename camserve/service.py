@@ -100,15 +100,20 @@ class Service:
 
     def _parse(self, item: _Item) -> None:
         parts, query, json_field = split_fields(item.request.fields)
-        raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
-        item.params = parse_params(
-            raw,
-            num_classes=self.manifest.num_outputs,
-            known_methods=self.methods,
-            explain_default=item.request.explain_route,
-            max_targets=self.limits.max_targets,
-            max_methods=self.limits.max_methods,
-        )
+        try:
+            raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
+            item.params = parse_params(
+                raw,
+                num_classes=self.manifest.num_outputs,
+                known_methods=self.methods,
+                explain_default=item.request.explain_route,
+                max_targets=self.limits.max_targets,
+                max_methods=self.limits.max_methods,
+            )
+        except CamserveError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a client sends, a parse failure is a 400
+            raise BadParameter(f"the parameters cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
         for method in item.params.methods if item.params.explain else ():
             if method in self.unavailable:
                 raise BadParameter(f"method {method!r} is not available for model {self.name!r}: {self.unavailable[method]}")

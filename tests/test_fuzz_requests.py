@@ -83,7 +83,21 @@ params_json = st.dictionaries(
     st.one_of(st.sampled_from(VALUES), st.integers(-5, 10**6), st.lists(st.integers(-3, 12), max_size=4), st.none(), st.booleans()),
     max_size=5,
 ).map(json.dumps)
-headers = st.one_of(st.none(), params_text, params_json, st.text(max_size=40))
+# Nesting and size, not only flat values: JSON trees of any shape under parameter names,
+# bracket towers deep enough to exhaust the parser's recursion, and long values.
+json_trees = st.recursive(
+    st.one_of(st.sampled_from(VALUES), st.integers(-5, 10**6), st.none(), st.booleans()),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(PARAM_WORDS), children, max_size=3),
+    max_leaves=12,
+)
+params_nested = st.dictionaries(st.sampled_from(PARAM_WORDS), json_trees, max_size=4).map(json.dumps)
+params_deep = st.tuples(st.sampled_from(PARAM_WORDS), st.integers(1, 5000), st.sampled_from("[{")).map(
+    lambda t: '{"%s": %s}' % (t[0], ("[" * t[1] + "]" * t[1]) if t[2] == "[" else ('{"a": ' * t[1] + "1" + "}" * t[1]))
+)
+params_long = st.tuples(st.sampled_from(PARAM_WORDS), st.sampled_from(VALUES), st.integers(100, 20_000)).map(
+    lambda t: f"{t[0]}=" + ",".join([t[1]] * t[2])
+)
+headers = st.one_of(st.none(), params_text, params_json, params_nested, params_deep, params_long, st.text(max_size=40))
 
 
 @st.composite
@@ -94,7 +108,8 @@ def requests(draw) -> Request:
         fields = {}
         for i in range(draw(st.integers(0, 3))):
             fields[draw(st.sampled_from(["a", "b", "file", "image", "params", "model_name", f"f{i}"]))] = draw(
-                st.one_of(bodies(), params_json.map(str.encode), st.text(max_size=20))
+                st.one_of(bodies(), params_json.map(str.encode), params_nested.map(str.encode),
+                          params_deep.map(str.encode), st.text(max_size=20))
             )
     return Request(fields, draw(st.text(max_size=8)), explain_route=draw(st.booleans()), header_params=draw(headers))
 
@@ -167,3 +182,28 @@ def test_limits_are_enforced_before_any_decoding(service, monkeypatch):
     assert decoded == []  # nothing was decoded for any refused request
     ok = strict.handle([Request({"body": small}, "5", explain_route=True)])[0]
     assert ok.status == 200 and decoded == [len(small)]
+
+
+DEEP = '{"methods": ' + "[" * 900 + "]" * 900 + "}"  # ~1.8 KB: once a RecursionError and a 500
+
+
+@pytest.mark.parametrize("source", ["header", "params field", "query value", "long header", "deep object"])
+def test_nested_or_oversized_parameters_are_a_400(service, source):
+    image = png_bytes(sample_image(3))
+    fields, header = {"body": image}, None
+    if source == "header":
+        header = DEEP
+    elif source == "params field":
+        fields = {"image": image, "params": DEEP.encode()}
+    elif source == "query value":
+        fields = {"body": image, "methods": ("gradcam," * 2000).encode()}
+    elif source == "long header":
+        header = "methods=" + "gradcam," * 1000
+    else:
+        header = '{"target": ' + '{"a": ' * 3000 + "1" + "}" * 3000 + "}"
+    good = Request({"body": image}, "good", explain_route=True)
+    bad, ok = service.handle([Request(fields, "bad", explain_route=True, header_params=header), good])
+    assert bad.status == 400, bad.body[:300]
+    error = json.loads(bad.body)["error"]
+    assert error["kind"] == "bad_parameter" and ("nested" in error["message"] or "limit" in error["message"]), error
+    assert ok.status == 200
