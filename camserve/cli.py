@@ -2,7 +2,8 @@
 
 Each module listed in ``COMMANDS`` defines ``register(subparsers)``, which adds its
 sub-parser and sets ``func`` on it. A :class:`~camserve.errors.CamserveError` becomes a
-one-line message on stderr and exit code 2; nothing else is caught.
+one-line message on stderr and exit code 2; a reader of stdout that goes away (``| head``)
+ends the command quietly with exit code 141; nothing else is caught.
 """
 
 from __future__ import annotations
@@ -32,16 +33,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit status when the reader of stdout went away (``camserve audit export | head``), as a
+#: process killed by SIGPIPE reports it.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except CamserveError as exc:
-        print(f"camserve {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            code = int(args.func(args) or 0)
+        except CamserveError as exc:
+            print(f"camserve {args.command}: error: {exc}", file=sys.stderr)
+            code = 2
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
