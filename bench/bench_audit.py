@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from bench_server import drive, export_resnet50, export_trivial, request_jpeg  # noqa: E402
+from camserve.config import PORT_FIELDS
 
 GOAL = 0.95
 SETTINGS = {
@@ -42,7 +43,7 @@ SETTINGS = {
     "sqlite": {"enabled": True, "sink": "sqlite"},
     "sqlite+heatmaps": {"enabled": True, "sink": "sqlite", "store_heatmaps": True},
 }
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def parse_requests(text: str) -> list[tuple[int, int]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from camserve import server
     from camserve.archive import build_archive
-    from camserve.config import load_config
+    from camserve.config import PORT_FIELDS, load_config
 
     load_before = os.getloadavg()
     body = request_jpeg()
@@ -274,8 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"exports ready ({time.perf_counter() - t:.0f} s, cached in {CACHE})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="camserve-bench-"))
     store, run_dir = work / "model_store", work / "serve_run"
-    ports = {p: 0 for p in ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                            "grpc_management_port")}
+    ports = {p: 0 for p in PORT_FIELDS}
     config = load_config(overrides={
         "server": {**ports, "host": "127.0.0.1", "batch_size": args.batch_size, "max_batch_delay_ms": args.max_batch_delay,
                    "workers": 1, "response_timeout_s": 300},

@@ -43,10 +43,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from camserve.config import PORT_FIELDS
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 ROOT = Path(__file__).resolve().parent.parent
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 #: Allowed growth of the open descriptors between warm-up and the end of the run.
 FD_MARGIN = {"frontend": 8, "worker": 2}
 #: Allowed growth of a worker's RSS between warm-up and the end of the run.

@@ -53,6 +53,10 @@ class Limits:
             _positive(f"limits.{f.name}", getattr(self, f.name))
 
 
+PORT_FIELDS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port",
+               "health_port")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How ``camserve serve`` starts TorchServe. Port 0 means "pick a free port"."""
@@ -76,12 +80,21 @@ class ServerConfig:
     java_heap: str = "256m"
     #: TorchServe's keys expire (default 60 min); renew with the API key (see README).
     token_expiration_min: int = 1440
+    #: The frontend's own body ceiling (``max_request_size``); 0 = twice
+    #: ``limits.max_body_bytes`` plus 1 MiB. Bodies between the two reach the handler,
+    #: which refuses them with the ``body_too_large`` JSON answer and an audit record;
+    #: above it the frontend answers an empty 413 that no worker sees.
+    max_request_bytes: int = 0
+    #: Port of the health check that needs no token (``GET /ping``, ``/ready``); 0 = free.
+    health_port: int = 8083
 
     def __post_init__(self) -> None:
-        for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+        for name in PORT_FIELDS:
             port = getattr(self, name)
             if not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(f"server.{name} must be a port number 0..65535, got {port!r}")
+        if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 0:
+            raise ConfigError(f"server.max_request_bytes must be >= 0, got {self.max_request_bytes!r}")
         for name in ("batch_size", "workers", "response_timeout_s", "token_expiration_min"):
             _positive(f"server.{name}", getattr(self, name))
         if self.max_batch_delay_ms < 0:
@@ -160,6 +173,17 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @property
+    def frontend_max_request_bytes(self) -> int:
+        """The body size above which TorchServe's frontend refuses before any handler runs.
+
+        Above ``limits.max_body_bytes`` so that the handler, not the frontend, refuses (and
+        audits) oversized bodies up to this ceiling; a multipart body's framing fits too.
+        """
+        if self.server.max_request_bytes:
+            return max(self.server.max_request_bytes, self.limits.max_body_bytes)
+        return 2 * self.limits.max_body_bytes + 1024 * 1024
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: {f.name: getattr(getattr(self, s), f.name) for f in fields(getattr(self, s))} for s in _SECTIONS}

@@ -201,7 +201,7 @@ def render_sheet(results: list[SampleResult], methods: list[str]) -> np.ndarray:
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo, start to end; returns the summary also written to demo_summary.json."""
     from . import demo, server
-    from .config import load_config
+    from .config import PORT_FIELDS, load_config
     from .java import find_java
     from .render import encode_png
 
@@ -224,8 +224,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     log(f"wrote {len(sample_paths)} samples to {out / 'samples'}")
 
     run_dir = out / "serve_run"
-    ports = {p: 0 for p in ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
-                            "grpc_management_port")}
+    ports = {p: 0 for p in PORT_FIELDS}
     config = load_config(overrides={"server": {**ports, "host": "127.0.0.1", "batch_size": 8,
                                                 "max_batch_delay_ms": 10, "workers": 1},
                                     "runtime": {"ort_threads": 1}})

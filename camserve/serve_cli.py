@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "grpc_inference_port": args.grpc_inference_port,
             "grpc_management_port": args.grpc_management_port,
+            "health_port": args.health_port,
             "batch_size": args.batch_size,
             "max_batch_delay_ms": args.max_batch_delay,
             "workers": args.workers,
@@ -43,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"camserve: warning: model {model} did not load: {why} (TorchServe keeps retrying it; "
               f"see {instance.run_dir / 'logs' / 'model_log.log'})", file=sys.stderr)
     print(f"  inference  {instance.inference_url}\n  management {instance.management_url}\n  metrics    {instance.metrics_url}/metrics")
+    print(f"  health     {instance.health_url}/ping and /ready (no token needed)")
     if instance.key("inference"):
         print(f"  tokens     {instance.run_dir / 'key_file.json'} (send 'Authorization: Bearer <key>')")
     print(f"  logs       {instance.run_dir / 'logs'}\n  stop with  camserve stop --run-dir {args.run_dir}")
@@ -62,7 +64,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", help="camserve YAML/JSON configuration file (limits, server, runtime)")
     p.add_argument("--host", help="bind address of every API (default 127.0.0.1)")
     p.add_argument("--inference-host", help="bind address of the inference API only, e.g. 0.0.0.0 to open it")
-    for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management"):
+    for name in ("inference", "management", "metrics", "grpc-inference", "grpc-management", "health"):
         p.add_argument(f"--{name}-port", type=int, help=f"{name} port (0 = a free one)")
     p.add_argument("--batch-size", type=int, help="server-side batch size")
     p.add_argument("--max-batch-delay", type=int, help="milliseconds to wait to fill a batch")

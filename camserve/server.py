@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_ENV, Config, to_env
+from .config import CONFIG_ENV, PORT_FIELDS, Config, to_env
 from .errors import CamserveError
 from .java import find_java
 from .load_errors import load_failures
@@ -80,6 +80,9 @@ class Instance:
     #: ``{"NAME VERSION": reason}``: versions whose worker died while loading at start
     #: (TorchServe keeps retrying them with back-off; every other version is READY).
     failed: dict[str, str] = field(default_factory=dict)
+    #: The token-free health check (:mod:`camserve.health`): its address and process.
+    health_url: str = ""
+    health_pid: int = 0
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Instance:
@@ -109,18 +112,14 @@ class Instance:
 
 def resolve_ports(config: Config) -> Config:
     """Replace every port 0 with a free loopback port."""
-    ports = {
-        name: free_port()
-        for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
-        if getattr(config.server, name) == 0
-    }
+    ports = {name: free_port() for name in PORT_FIELDS if getattr(config.server, name) == 0}
     return config.with_overrides({"server": ports}) if ports else config
 
 
 def check_ports(config: Config, inference_host: str | None = None) -> None:
     """Refuse ports already taken, before starting: a gRPC clash would kill the server later."""
     s = config.server
-    for name in ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port"):
+    for name in PORT_FIELDS:
         host = inference_host if name == "inference_port" and inference_host else s.host
         with socket.socket() as sock:
             try:
@@ -165,7 +164,7 @@ def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path
         "enable_model_api": str(s.model_api).lower(),
         "metrics_mode": "prometheus",
         "metrics_config": run_dir / "metrics.yaml",
-        "max_request_size": config.limits.max_body_bytes,
+        "max_request_size": config.frontend_max_request_bytes,
         "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
         "default_response_timeout": s.response_timeout_s,
         "vmargs": f"-Xmx{s.java_heap} -XX:-UsePerfData -Djava.io.tmpdir={run_dir / 'tmp'}",
@@ -336,6 +335,36 @@ def start(
     keys = run_dir / "key_file.json"
     if keys.exists():
         keys.chmod(0o600)
+    if wait:
+        instance = start_health(instance, host, s.health_port, env)
+    return instance
+
+
+def start_health(instance: Instance, host: str, port: int, env: dict[str, str], timeout: float = 30.0) -> Instance:
+    """Start the token-free health check (:mod:`camserve.health`) and wait until it answers."""
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    log = open(instance.run_dir / "logs" / "health.log", "ab")
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "camserve.health", "--run-dir", str(instance.run_dir), "--host", host,
+             "--port", str(port), "--watch-pid", str(instance.pid)],
+            cwd=instance.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop(instance.run_dir)
+            raise ServerError(f"the health check did not start on {url} (see {instance.run_dir / 'logs' / 'health.log'})")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # it answers (503 while the frontend is busy still means it is up)
+        except OSError:
+            time.sleep(0.2)
+    instance = Instance(**{**instance.__dict__, "health_url": url, "health_pid": proc.pid})
+    instance.save()
     return instance
 
 
@@ -365,6 +394,23 @@ def instance_processes(run_dir: Path, pid: int) -> list:
     return list(procs.values())
 
 
+def _health_process(run_dir: Path):
+    """The health-check process of ``run_dir``, recognised by its command line (pids get reused)."""
+    import psutil
+
+    state = run_dir / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        proc = psutil.Process(Instance.load(run_dir).health_pid or -1)
+        cmd = proc.cmdline()
+        if "camserve.health" in cmd and str(run_dir) in cmd:
+            return proc
+    except (psutil.Error, ValueError, ServerError):
+        pass
+    return None
+
+
 def start_error(run_dir: Path) -> str:
     """The first line of the frontend's console that says why it stopped."""
     console = run_dir / "logs" / "console.log"
@@ -389,6 +435,10 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
     else:
         raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)")
     procs = instance_processes(run_dir, pid)
+    health = _health_process(run_dir)
+    if health is not None:
+        health.terminate()
+        procs.append(health)
     if not procs:
         return False
     torchserve = Path(sys.executable).parent / "torchserve"

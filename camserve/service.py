@@ -99,6 +99,9 @@ class Service:
     # ------------------------------------------------------------------ stages ---
 
     def _parse(self, item: _Item) -> None:
+        size = sum(len(v) for v in item.request.fields.values() if isinstance(v, (bytes, bytearray, memoryview, str)))
+        if size > self.limits.max_body_bytes:
+            raise BodyTooLarge(f"the request carries {size} bytes, more than the limit of {self.limits.max_body_bytes}")
         parts, query, json_field = split_fields(item.request.fields)
         try:
             raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
@@ -123,8 +126,6 @@ class Service:
             raise TooManyImages(f"the request has {len(parts)} images, more than the limit of {self.limits.max_images_per_request}")
         start = time.perf_counter()
         for name, data in parts:
-            if len(data) > self.limits.max_body_bytes:
-                raise BodyTooLarge(f"image {name!r} has {len(data)} bytes, more than the limit of {self.limits.max_body_bytes}")
             try:
                 item.images.append(imageio.decode(data, self.limits.max_pixels))
             except CamserveError as exc:

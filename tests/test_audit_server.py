@@ -24,10 +24,11 @@ from _server_fixture import http as http_call, png_bytes, sample_image, tiny_exp
 from camserve.audit import open_sink, verify
 from camserve.cli import main
 from camserve.config import load_config
+from camserve.config import PORT_FIELDS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 CLIENTS = 16
 PARAMS = "output=summary&methods=gradcam"
 

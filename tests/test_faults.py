@@ -34,8 +34,9 @@ import pytest
 
 from _server_fixture import http, png_bytes, sample_image, tiny_export
 from camserve.load_errors import load_failures
+from camserve.config import PORT_FIELDS
 
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 PORT_ARGS = [a for p in ("inference", "management", "metrics", "grpc-inference", "grpc-management") for a in (f"--{p}-port", "0")]
 DIED = "Backend worker process died."
 

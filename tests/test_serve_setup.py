@@ -13,8 +13,9 @@ import pytest
 from camserve.config import Config
 from camserve.java import JavaError, find_java
 from camserve.server import properties
+from camserve.config import PORT_FIELDS
 
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 
 
 def test_java_detection_messages(tmp_path):

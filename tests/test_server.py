@@ -32,10 +32,11 @@ from camserve.imageio import decode
 from camserve.metrics import parse_prometheus
 from camserve.cli import main
 from camserve.server import Instance, _alive
+from camserve.config import PORT_FIELDS
 
 pytestmark = pytest.mark.server
 
-PORTS = ("inference_port", "management_port", "metrics_port", "grpc_inference_port", "grpc_management_port")
+PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def served(tmp_path_factory):
         if (run_dir / "state.json").exists() or (run_dir / "tmp" / ".model_server.pid").exists():
             main(["stop", "--run-dir", str(run_dir)])
     assert not _alive(Instance.load(run_dir).pid)
+    assert not _alive(Instance.load(run_dir).health_pid)  # the health check went with the server
 
 
 def post(instance, path, data, ctype="image/png", params=None, token=True, extra=None):
@@ -316,3 +318,83 @@ def test_concurrent_good_requests_share_one_model_call(served):
         if batched:
             break
     assert batched
+
+
+def audit_records(instance):
+    """The served instance's audit records (SQLite sink in the run folder, the default)."""
+    from camserve.audit import SinkError, open_sink
+    from camserve.config import AuditConfig
+
+    sink = open_sink(AuditConfig(path=str(instance.run_dir / "audit")))
+    try:
+        return [row.record() for row in sink.rows()]
+    except SinkError:
+        return []
+    finally:
+        sink.close()
+
+
+def test_oversized_body_gets_the_json_413_and_an_audit_record(served):
+    """Bodies over limits.max_body_bytes reach the handler (the frontend's ceiling is higher)."""
+    import os
+    import time
+
+    from camserve.config import Config
+
+    instance, _ = served
+    config = Config()
+    limit, ceiling = config.limits.max_body_bytes, config.frontend_max_request_bytes
+    assert f"max_request_size={ceiling}" in (instance.run_dir / "config.properties").read_text()
+    status, headers, body = post(instance, "/predictions/tiny/1.0", os.urandom(9_000_000), "application/octet-stream")
+    assert status == 413 and headers.get("content-type", "").startswith("application/json"), (status, headers, body[:200])
+    answer = json.loads(body)
+    assert answer["error"]["kind"] == "body_too_large" and f"limit of {limit}" in answer["error"]["message"]
+    deadline = time.monotonic() + 30
+    while not any(r.get("request_id") == answer["request_id"] for r in audit_records(instance)):
+        assert time.monotonic() < deadline, "no audit record for the refused body"
+        time.sleep(0.2)
+    (record,) = [r for r in audit_records(instance) if r.get("request_id") == answer["request_id"]]
+    assert record["outcome"] == "body_too_large" and record["status"] == 413
+    # above the frontend's own ceiling TorchServe refuses before any worker sees the body (documented)
+    # (it answers an empty 413 and closes the connection, often before the client finished sending)
+    import urllib.error
+
+    try:
+        status, _, body = post(instance, "/predictions/tiny/1.0", os.urandom(ceiling + 1024), "application/octet-stream")
+        assert status == 413 and body == b""
+    except urllib.error.URLError as exc:
+        assert isinstance(exc.reason, ConnectionError), exc
+    assert post(instance, "/predictions/tiny/1.0", bad_body("good"))[0] == 200
+
+
+def test_health_check_needs_no_token_and_reveals_nothing(served):
+    instance, _ = served
+    assert instance.health_url and instance.health_url != instance.inference_url
+    status, _, _ = http("GET", instance.inference_url + "/ping")
+    assert status == 400  # TorchServe's own /ping wants the inference key (InvalidKeyException)
+    for path, answer in (("/ping", "Healthy"), ("/ready", "Ready")):
+        status, headers, body = http("GET", instance.health_url + path)
+        assert status == 200 and json.loads(body) == {"status": answer}, (path, status, body)
+        assert "python" not in headers.get("server", "").lower() and "tiny" not in body.decode()
+    assert http("GET", instance.health_url + "/models")[0] == 404
+    assert http("POST", instance.health_url + "/ping", b"x")[0] == 405
+
+
+def test_health_check_reports_a_server_that_is_gone(tmp_path):
+    """Unit check of the health handler: a frontend that does not answer is Unhealthy/NotReady (503)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from camserve.health import Checks, make_handler
+    from camserve.server import Instance, free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    Instance(run_dir=tmp_path, inference_url=dead, management_url=dead, metrics_url=dead, models={"m": ["1.0"]}).save()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Checks(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert http("GET", url + "/ping")[:1] == (503,) and json.loads(http("GET", url + "/ping")[2]) == {"status": "Unhealthy"}
+        assert http("GET", url + "/ready")[0] == 503
+    finally:
+        httpd.shutdown()
