@@ -5,11 +5,16 @@ The archive holds the ONNX graph(s), the manifest, the thin handler and a
 installed in the server's environment, not copied into the archive. The version goes into
 the archive's MANIFEST, so two archives of one model with different versions (written
 under different file names with ``--mar-name``) are registered side by side.
+
+The handler's home in the repository is ``handler/``; pyproject.toml installs that folder
+as the package ``camserve._handler``, so a wheel install finds the handler as an editable
+one does (:func:`handler_file`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import shutil
 import subprocess
 import sys
@@ -22,11 +27,28 @@ import yaml
 from .errors import CamserveError
 from .manifest import Manifest, sha256_file
 
-HANDLER = Path(__file__).resolve().parent.parent / "handler" / "camserve_handler.py"
+HANDLER_PACKAGE = "camserve._handler"
+HANDLER_NAME = "camserve_handler.py"
 
 
 class ArchiveError(CamserveError):
     kind = "archive_error"
+
+
+def handler_file() -> Path:
+    """The TorchServe handler installed with the package (``camserve._handler``).
+
+    Raises :class:`ArchiveError` when the install lacks it (a broken or outdated install).
+    """
+    try:
+        resource = importlib.resources.files(HANDLER_PACKAGE) / HANDLER_NAME
+    except ModuleNotFoundError:
+        resource = None
+    # A real file, not a zip member: torch-model-archiver reads it from the file system.
+    if not isinstance(resource, Path) or not resource.is_file():
+        raise ArchiveError(f"the TorchServe handler {HANDLER_NAME} is missing from this camserve install "
+                           f"(package {HANDLER_PACKAGE}); reinstall camserve")
+    return resource
 
 
 def export_files(export_dir: Path) -> tuple[Manifest, list[Path]]:
@@ -56,10 +78,14 @@ def build_archive(
     max_batch_delay_ms: int = 10,
     workers: int | None = None,
     response_timeout_s: int = 120,
-    handler: str | Path = HANDLER,
+    handler: str | Path | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``model_store/<mar_name or name>.mar`` and return its path."""
+    """Write ``model_store/<mar_name or name>.mar`` and return its path.
+
+    ``handler`` defaults to camserve's own (:func:`handler_file`).
+    """
+    handler = Path(handler) if handler is not None else handler_file()
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise ArchiveError(f"export folder {export_dir} does not exist")

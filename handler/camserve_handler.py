@@ -41,7 +41,7 @@ class CamserveHandler:
         )
         name = model.get("modelName") or session.manifest.model_name
         version = str(model.get("modelVersion") or session.manifest.model_version)
-        recorder = Recorder(getattr(context, "metrics", None), name, version)
+        recorder = Recorder(getattr(context, "metrics", None), name, version, config.limits.max_batch_size)
         # Audited (config.audit): every answer leaves only after its record is committed.
         self.service = make_service(config, session, recorder, name=name, version=version,
                                     metrics_cache=getattr(context, "metrics", None))
