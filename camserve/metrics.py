@@ -8,20 +8,31 @@ model on one endpoint, and TorchServe's own counters (``ts_inference_requests_to
 sit next to ours. An undeclared metric is dropped silently, so the names live here once
 and both the YAML (:func:`metrics_config`) and the handler (:class:`Recorder`) use them.
 
-Histograms use the Prometheus client's default buckets (0.005 .. 10), so latencies are
-recorded in seconds. Backend metrics carry no version label by themselves; every camserve
-metric has ``model_name`` and ``model_version`` dimensions (``Hostname`` is added by
-TorchServe). Metric dimensions are passed through TorchServe's log protocol, so their
-values are reduced to ``[A-Za-z0-9_.+-]``.
+Histograms with camserve's own buckets. TorchServe builds every histogram with the
+Prometheus client's default buckets (0.005 .. 10 s, not configurable), which puts a fast
+model's p95 on a bucket edge and every batch of more than 10 images in ``+Inf``. So each
+camserve histogram ``NAME`` is declared as three TorchServe *counters* named exactly like a
+histogram's series: ``NAME_bucket`` (extra dimension ``le``, cumulative), ``NAME_sum`` and
+``NAME_count``. PromQL treats them as a histogram (``histogram_quantile`` over
+``rate(NAME_bucket[5m])``); only the exposition's ``# TYPE`` line says counter. Latency
+buckets run from 1 ms to 60 s (:data:`LATENCY_BUCKETS`), batch sizes from 1 to
+``limits.max_batch_size`` (:func:`size_buckets`). Latencies are recorded in seconds.
+
+Backend metrics carry no version label by themselves; every camserve metric has
+``model_name`` and ``model_version`` dimensions (``Hostname`` is added by TorchServe).
+Metric dimensions are passed through TorchServe's log protocol, so their values are
+reduced to ``[A-Za-z0-9_.+-]``.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.utils import floatToGoString
 
 MODEL, VERSION, METHOD, KIND = "model_name", "model_version", "method", "kind"
 
@@ -32,17 +43,58 @@ INFERENCE_LATENCY = "camserve_inference_latency_seconds"
 PREPROCESS_LATENCY = "camserve_preprocess_latency_seconds"
 ENCODE_LATENCY = "camserve_encode_latency_seconds"
 BATCH_SIZE = "camserve_batch_size"
+REQUEST_LATENCY = "camserve_request_latency_seconds"
+DEGENERATE = "camserve_degenerate_maps_total"
 
-#: (name, type, unit, dimensions, help) for every metric the handler records.
+#: (name, type, unit, dimensions, help) for every metric the handler records. "Per batch"
+#: histograms get one observation per model call (group of alike requests) or server
+#: batch; "per request" ones one per HTTP request.
 METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
     (REQUESTS, "counter", "count", (MODEL, VERSION), "Requests handled by the camserve handler (one per HTTP request)"),
     (ERRORS, "counter", "count", (MODEL, VERSION, KIND), "Requests refused or failed, by error kind"),
-    (EXPLAIN_LATENCY, "histogram", "seconds", (MODEL, VERSION, METHOD), "CAM computation per batch and method"),
-    (INFERENCE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "The ONNX Runtime call per batch"),
-    (PREPROCESS_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Decode and preprocess per batch"),
-    (ENCODE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Rendering and JSON encoding per batch"),
-    (BATCH_SIZE, "histogram", "count", (MODEL, VERSION), "Images per ONNX Runtime call"),
+    (DEGENERATE, "counter", "count", (MODEL, VERSION, METHOD), "Maps served flagged degenerate (channel terms cancel)"),
+    (REQUEST_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per request: the server batch's time in the worker"),
+    (EXPLAIN_LATENCY, "histogram", "seconds", (MODEL, VERSION, METHOD), "Per model call and method: CAM computation"),
+    (INFERENCE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per model call: the ONNX Runtime call(s)"),
+    (PREPROCESS_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per server batch: decode and preprocess"),
+    (ENCODE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per server batch: rendering and JSON encoding"),
+    (BATCH_SIZE, "histogram", "count", (MODEL, VERSION), "Per model call: images in the ONNX Runtime call"),
 )
+LE = "le"
+#: Upper bounds (seconds) of the latency histograms: 1 ms .. 60 s, about 1.5-2x apart.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6,
+    1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 15.0, 30.0, 60.0,
+)
+
+
+def size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Batch-size bounds: 1..8 one by one, then powers of two, and ``max_batch_size`` itself."""
+    bounds = {float(b) for b in range(1, min(8, max_batch_size) + 1)}
+    b = 16
+    while b < max_batch_size:
+        bounds.add(float(b))
+        b *= 2
+    bounds.add(float(max_batch_size))
+    return tuple(sorted(bounds))
+
+
+def histogram_series(name: str) -> tuple[str, str, str]:
+    """The counters standing for histogram ``name``: ``(NAME_bucket, NAME_sum, NAME_count)``."""
+    return f"{name}_bucket", f"{name}_sum", f"{name}_count"
+
+
+def declarations(metrics=None) -> list[tuple[str, str, str, list[str]]]:
+    """``(name, TorchServe type, unit, dimensions)`` of every series to declare (histograms as counters)."""
+    out = []
+    for name, kind, unit, dims, _help in metrics if metrics is not None else METRICS:
+        if kind == "histogram":
+            bucket, total, count = histogram_series(name)
+            out += [(bucket, "counter", "count", [*dims, LE]), (total, "counter", unit, list(dims)),
+                    (count, "counter", "count", list(dims))]
+        else:
+            out.append((name, kind, unit, list(dims)))
+    return out
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]")
 
@@ -57,13 +109,17 @@ def metrics_config() -> dict[str, Any]:
     import ts
 
     default = Path(ts.__file__).parent / "configs" / "metrics.yaml"
-    config = yaml.safe_load(default.read_text())
-    model_metrics = config.setdefault("model_metrics", {}) or {}
+    return declare(yaml.safe_load(default.read_text()), METRICS)
+
+
+def declare(config: dict[str, Any], metrics) -> dict[str, Any]:
+    """Add ``metrics`` (``(name, type, unit, dims, help)`` rows) to a TorchServe metrics YAML dict."""
+    model_metrics = config.get("model_metrics") or {}
     config["model_metrics"] = model_metrics
-    for name, kind, unit, dims, _help in METRICS:
-        entries = model_metrics.setdefault(kind, []) or []
-        model_metrics[kind] = [e for e in entries if e.get("name") != name]
-        model_metrics[kind].append({"name": name, "unit": unit, "dimensions": list(dims)})
+    for name, kind, unit, dims in declarations(metrics):
+        entries = [e for e in (model_metrics.get(kind) or []) if e.get("name") != name]
+        entries.append({"name": name, "unit": unit, "dimensions": dims})
+        model_metrics[kind] = entries
     return config
 
 
@@ -79,53 +135,82 @@ class Recorder:
     Any failure to record is swallowed: metrics must never fail a request.
     """
 
-    def __init__(self, cache: Any, model: str, version: str) -> None:
+    def __init__(self, cache: Any, model: str, version: str, max_batch_size: int = 64) -> None:
         self.cache = cache
         self.model, self.version = label(model), label(version)
         self._types: dict[str, Any] = {}
+        self._buckets = {name: LATENCY_BUCKETS for name, kind, unit, *_ in METRICS if kind == "histogram" and unit == "seconds"}
+        self._buckets[BATCH_SIZE] = size_buckets(max_batch_size)
+        #: ``le`` label values per histogram, formatted as prometheus-client formats them.
+        self._le = {name: [floatToGoString(b) for b in (*bounds, float("inf"))] for name, bounds in self._buckets.items()}
         if cache is not None:
             from ts.metrics.metric_type_enum import MetricTypes
 
-            self._types = {"counter": MetricTypes.COUNTER, "histogram": MetricTypes.HISTOGRAM}
+            self._types = {"counter": MetricTypes.COUNTER}
 
-    def _add(self, name: str, kind: str, value: float, *extra: str) -> None:
+    def _add(self, name: str, value: float, *extra: str) -> None:
         if self.cache is None:
             return
         try:
-            metric = self.cache.get_metric(name, self._types[kind])
+            metric = self.cache.get_metric(name, self._types["counter"])
             metric.add_or_update(value, [self.model, self.version, *(label(e) for e in extra)])
         except Exception:  # noqa: BLE001 - a metric must never fail the request
             pass
 
+    def _observe(self, name: str, value: float, *extra: str, times: int = 1) -> None:
+        """``times`` observations of ``value``: the buckets at or above it, the sum and the count."""
+        if self.cache is None:
+            return
+        bucket, total, count = histogram_series(name)
+        bounds, les = self._buckets[name], self._le[name]
+        first = bisect.bisect_left(bounds, value)  # the first bucket with value <= le
+        for le in les[first:]:
+            self._add(bucket, times, *extra, le)
+        self._add(total, value * times, *extra)
+        self._add(count, times, *extra)
+
     def requests(self, n: int) -> None:
-        self._add(REQUESTS, "counter", n)
+        self._add(REQUESTS, n)
 
     def error(self, kind: str) -> None:
-        self._add(ERRORS, "counter", 1, kind)
+        self._add(ERRORS, 1, kind)
+
+    def degenerate(self, method: str, n: int = 1) -> None:
+        self._add(DEGENERATE, n, method)
+
+    def request_latency(self, seconds: float, n: int) -> None:
+        self._observe(REQUEST_LATENCY, seconds, times=n)
 
     def explain(self, method: str, seconds: float) -> None:
-        self._add(EXPLAIN_LATENCY, "histogram", seconds, method)
+        self._observe(EXPLAIN_LATENCY, seconds, method)
 
     def inference(self, seconds: float) -> None:
-        self._add(INFERENCE_LATENCY, "histogram", seconds)
+        self._observe(INFERENCE_LATENCY, seconds)
 
     def preprocess(self, seconds: float) -> None:
-        self._add(PREPROCESS_LATENCY, "histogram", seconds)
+        self._observe(PREPROCESS_LATENCY, seconds)
 
     def encode(self, seconds: float) -> None:
-        self._add(ENCODE_LATENCY, "histogram", seconds)
+        self._observe(ENCODE_LATENCY, seconds)
 
     def batch(self, size: int) -> None:
-        self._add(BATCH_SIZE, "histogram", size)
+        self._observe(BATCH_SIZE, size)
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Parse a Prometheus text exposition into ``{(name, sorted labels): value}`` (for tests, bench)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """Parse a Prometheus text exposition into ``{(name, sorted labels): value}`` (for tests, bench).
+
+    Sample names are kept as exposed (what a Prometheus server stores): the client
+    library's family parser would append ``_total`` to every counter sample, which would
+    hide the ``NAME_bucket`` / ``NAME_sum`` / ``NAME_count`` counters camserve exposes.
+    """
+    from prometheus_client.parser import _parse_sample
 
     out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            sample = _parse_sample(line)
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
 
@@ -145,13 +230,17 @@ def dashboard() -> dict[str, Any]:
         ]
 
     panels = [
-        ("Explanation latency by method (s)", quantiles(EXPLAIN_LATENCY, "model_version, method"), "s"),
-        ("Inference latency per batch (s)", quantiles(INFERENCE_LATENCY, "model_version"), "s"),
-        ("Preprocess latency per batch (s)", quantiles(PREPROCESS_LATENCY, "model_version"), "s"),
-        ("Encode latency per batch (s)", quantiles(ENCODE_LATENCY, "model_version"), "s"),
+        ("Request latency in the worker, per request (s)", quantiles(REQUEST_LATENCY, "model_version"), "s"),
+        ("CAM computation per model call, by method (s)", quantiles(EXPLAIN_LATENCY, "model_version, method"), "s"),
+        ("Inference per model call (s)", quantiles(INFERENCE_LATENCY, "model_version"), "s"),
+        ("Preprocess per server batch (s)", quantiles(PREPROCESS_LATENCY, "model_version"), "s"),
+        ("Encode per server batch (s)", quantiles(ENCODE_LATENCY, "model_version"), "s"),
         ("Requests per second", [{"expr": f"sum by (model_version) (rate({REQUESTS}{sel}[5m]))", "legendFormat": "{{model_version}}"}], "reqps"),
         ("Errors per second by kind", [{"expr": f"sum by (kind) (rate({ERRORS}{sel}[5m]))", "legendFormat": "{{kind}}"}], "reqps"),
-        ("Mean images per ONNX Runtime call", [{"expr": f"sum(rate({BATCH_SIZE}_sum{sel}[5m])) / sum(rate({BATCH_SIZE}_count{sel}[5m]))", "legendFormat": "batch"}], "short"),
+        ("Images per ONNX Runtime call (mean, p50, p95)",
+         [{"expr": f"sum(rate({BATCH_SIZE}_sum{sel}[5m])) / sum(rate({BATCH_SIZE}_count{sel}[5m]))", "legendFormat": "mean"},
+          *quantiles(BATCH_SIZE, "model_version")], "short"),
+        ("Degenerate maps per second by method", [{"expr": f"sum by (method) (rate({DEGENERATE}{sel}[5m]))", "legendFormat": "{{method}}"}], "short"),
     ]
 
     def variable(name: str, label_name: str) -> dict[str, Any]:

@@ -81,7 +81,7 @@ class Service:
         self.name = name or self.manifest.model_name
         self.version = version or self.manifest.model_version
         self.limits = limits or Limits()
-        self.recorder = recorder or Recorder(None, self.name, self.version)
+        self.recorder = recorder or Recorder(None, self.name, self.version, self.limits.max_batch_size)
         self.explain = explain or cam.explain
         self.methods = tuple(cam.available_methods())
         #: Methods this export cannot run: AblationCAM needs the head graph.
@@ -235,6 +235,7 @@ class Service:
 
     def handle(self, requests: list[Request]) -> list[Response]:
         """Answer every request of one server batch; never raises for a bad request."""
+        handle_start = time.perf_counter()
         items = [_Item(r) for r in requests]
         self.recorder.requests(len(items))
         good: list[_Item] = []
@@ -282,6 +283,7 @@ class Service:
             responses.append(Response(200, json.dumps(body).encode()))
         if good:
             self.recorder.encode(encode_total)
+        self.recorder.request_latency(time.perf_counter() - handle_start, len(items))
         return responses
 
     def _body(self, item: _Item, result: dict[str, Any], n_requests: int, start: float) -> dict[str, Any]:

@@ -7,17 +7,25 @@ import json
 import re
 from pathlib import Path
 
-from camserve.metrics import METRICS, Recorder, dashboard, label, metrics_config
+from camserve.metrics import LATENCY_BUCKETS, METRICS, Recorder, dashboard, declarations, label, metrics_config, size_buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {name for name, *_ in METRICS}
+SERIES = {name: dims for name, _kind, _unit, dims in declarations()}
 
 
 def test_yaml_declares_every_metric_and_keeps_torchserve_defaults():
     config = metrics_config()
     declared = {m["name"]: (kind, m["dimensions"]) for kind, ms in config["model_metrics"].items() for m in ms}
     for name, kind, _unit, dims, _help in METRICS:
-        assert declared[name] == (kind, list(dims))
+        if kind == "histogram":  # TorchServe's histograms have fixed buckets: three counters instead
+            assert declared[f"{name}_bucket"] == ("counter", [*dims, "le"])
+            assert declared[f"{name}_sum"] == declared[f"{name}_count"] == ("counter", list(dims))
+            assert name not in declared
+        else:
+            assert declared[name] == (kind, list(dims))
+    assert "histogram" not in config["model_metrics"] or not any(
+        m["name"].startswith("camserve_") for m in config["model_metrics"]["histogram"])
     assert any(m["name"] == "ts_inference_requests_total" for m in config["ts_metrics"]["counter"])
 
 
@@ -42,7 +50,7 @@ class FakeCache:
         self.seen = []
 
     def get_metric(self, name, _kind):
-        if name not in NAMES:
+        if name not in SERIES:
             raise KeyError(name)
         return FakeMetric(self.seen, name)
 
@@ -54,9 +62,8 @@ def test_recorder_dimensions_match_declarations_and_never_raise():
     rec.error("bad,kind:x")
     rec.explain("gradcam++", 0.01)
     rec.batch(3)
-    dims = {name: d for name, *_x, d in [(n, None, d) for n, _t, _u, d, _h in METRICS]}
     for name, _value, values in cache.seen:
-        assert len(values) == len(dims[name])
+        assert len(values) == len(SERIES[name])
     assert cache.seen[1][2] == ["my_model", "1.0", "bad_kind_x"] and label("gradcam++") == "gradcam++"
     Recorder(None, "m", "v").requests(1)  # no cache: a no-op
 
@@ -65,3 +72,39 @@ def test_recorder_dimensions_match_declarations_and_never_raise():
             raise RuntimeError("metrics backend down")
 
     Recorder(Broken(), "m", "v").explain("gradcam", 1.0)  # swallowed
+
+
+def histogram(cache, name):
+    """``{le: count}``, sum and count recorded for histogram ``name`` through the fake cache."""
+    buckets, total, count = {}, 0.0, 0
+    for series, value, dims in cache.seen:
+        if series == f"{name}_bucket":
+            buckets[dims[-1]] = buckets.get(dims[-1], 0) + value
+        elif series == f"{name}_sum":
+            total += value
+        elif series == f"{name}_count":
+            count += value
+    return buckets, total, count
+
+
+def test_histograms_use_their_own_buckets():
+    """Latencies from 1 ms to 60 s, batch sizes 1 .. max_batch_size (not TorchServe's 5 ms .. 10 s)."""
+    assert LATENCY_BUCKETS[0] == 0.001 and LATENCY_BUCKETS[-1] == 60.0
+    assert all(b / a <= 2.0 for a, b in zip(LATENCY_BUCKETS, LATENCY_BUCKETS[1:]))
+    cache = FakeCache()
+    rec = Recorder(cache, "m", "1.0", max_batch_size=32)
+    rec.inference(0.0012)
+    rec.inference(42.0)
+    buckets, total, count = histogram(cache, "camserve_inference_latency_seconds")
+    assert "0.001" not in buckets  # 1.2 ms is above the first bound
+    assert buckets["0.002"] == 1 and buckets["60.0"] == 2 and buckets["+Inf"] == 2 and buckets["30.0"] == 1
+    assert count == 2 and abs(total - 42.0012) < 1e-9
+    assert size_buckets(32) == (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+    for size in (1, 7, 12, 32, 40):
+        rec.batch(size)
+    buckets, total, count = histogram(cache, "camserve_batch_size")
+    assert buckets["1.0"] == 1 and buckets["7.0"] == 2 and buckets["8.0"] == 2 and buckets["16.0"] == 3
+    assert buckets["32.0"] == 4 and buckets["+Inf"] == 5 and total == 92 and count == 5
+    rec.request_latency(0.05, 8)  # per request: one observation per request of the server batch
+    buckets, total, count = histogram(cache, "camserve_request_latency_seconds")
+    assert count == 8 and buckets["0.06"] == 8 and "0.04" not in buckets and abs(total - 0.4) < 1e-9

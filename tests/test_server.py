@@ -226,8 +226,18 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
     for _ in range(3):
         assert post(instance, "/explanations/tiny/2.0", bad_body("good"))[0] == 200
     assert post(instance, "/explanations/tiny/2.0", b"nope")[0] == 415
-    after = scrape()
     v = {"model_name": "tiny", "model_version": "2.0"}
+    # worker metrics reach the frontend through its stdout a moment after the answers: poll
+    # until the last ones (the 415's request latency) have arrived
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        after = scrape()
+        name = "camserve_request_latency_seconds_count"
+        if total(after, name, **v) - total(before, name, **v) >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert total(after, "camserve_requests_total", **v) - total(before, "camserve_requests_total", **v) == 4
     assert total(after, "camserve_errors_total", kind="not_an_image", **v) - total(before, "camserve_errors_total", kind="not_an_image", **v) == 1
     count = "camserve_explain_latency_seconds_count"
@@ -235,6 +245,18 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
     assert total(after, "camserve_explain_latency_seconds_sum", **v) > total(before, "camserve_explain_latency_seconds_sum", **v)
     for name in ("camserve_inference_latency_seconds_count", "camserve_preprocess_latency_seconds_count", "camserve_batch_size_count"):
         assert total(after, name, **v) - total(before, name, **v) == 3, name
+    assert total(after, "camserve_request_latency_seconds_count", **v) - total(before, "camserve_request_latency_seconds_count", **v) == 4
+    # camserve's buckets (1 ms .. 60 s; batch sizes 1 .. max_batch_size), not TorchServe's defaults
+    from camserve.metrics import LATENCY_BUCKETS, size_buckets
+    from prometheus_client.utils import floatToGoString
+
+    def les(name):
+        return {dict(lab)["le"] for (n, lab), _ in after.items() if n == name and dict(lab).get("model_version") == "2.0"}
+
+    assert les("camserve_explain_latency_seconds_bucket") <= {floatToGoString(b) for b in (*LATENCY_BUCKETS, float("inf"))}
+    assert {"60.0", "+Inf"} <= les("camserve_inference_latency_seconds_bucket")
+    assert les("camserve_batch_size_bucket") == {floatToGoString(b) for b in (*size_buckets(64), float("inf"))}
+    assert total(after, "camserve_batch_size_bucket", le="1.0", **v) - total(before, "camserve_batch_size_bucket", le="1.0", **v) == 3
 
 
 def test_safe_defaults_on_the_running_server(served):

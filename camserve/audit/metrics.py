@@ -31,13 +31,9 @@ AUDIT_METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
 
 def declare(config: dict[str, Any]) -> dict[str, Any]:
     """Add the audit counters to a TorchServe metrics YAML dict (``metrics.metrics_config()``)."""
-    model_metrics = config.setdefault("model_metrics", {}) or {}
-    config["model_metrics"] = model_metrics
-    for name, kind, unit, dims, _help in AUDIT_METRICS:
-        entries = [e for e in (model_metrics.get(kind) or []) if e.get("name") != name]
-        entries.append({"name": name, "unit": unit, "dimensions": list(dims)})
-        model_metrics[kind] = entries
-    return config
+    from ..metrics import declare as declare_metrics
+
+    return declare_metrics(config, AUDIT_METRICS)
 
 
 def write_metrics_config(path: str | Path) -> Path:
