@@ -156,7 +156,7 @@ class Service:
                     start = time.perf_counter()
                     logits = self.session.run(images).logits
                     timings = {"inference": time.perf_counter() - start, "cam": 0.0}
-                    out = {"logits": logits, "classes": None, "cams": {}}
+                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}}
                 else:
                     methods, aug, eigen = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
@@ -164,7 +164,8 @@ class Service:
                     exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug)
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
-                    out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams}
+                    out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams,
+                           "ratios": getattr(exp, "signal_ratio", None) or {}}
                     for method in methods:
                         self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
                 self.recorder.inference(timings["inference"])
@@ -179,6 +180,7 @@ class Service:
                     "logits": out["logits"][pos : pos + n],
                     "classes": None if out["classes"] is None else list(out["classes"][pos : pos + n]),
                     "cams": {meth: list(c[pos : pos + n]) for meth, c in out["cams"].items()},
+                    "ratios": {meth: list(r[pos : pos + n]) for meth, r in out["ratios"].items()},
                 }
                 m.timings = timings
                 m.batch = len(index)
@@ -215,6 +217,8 @@ class Service:
             cams = np.asarray(result["cams"][method][i], dtype=np.float32)  # [T, h, w]
             cams = render.check_cams(cams)
             summaries = render.summarize(cams, image_size=size).as_dicts()  # in input-image pixels
+            ratios = result["ratios"].get(method)
+            self._flag_degenerate(method, summaries, None if ratios is None else ratios[i])
             pngs = render.heatmap_png(cams) if "png" in params.output else None
             raw = render.to_float16(cams) if "array" in params.output else None
             for t, cls in enumerate(classes):
@@ -227,6 +231,27 @@ class Service:
                     entry["array"] = render.to_float16(cams[t : t + 1]).to_json()
                 out.append(entry)
         return out
+
+    def _flag_degenerate(self, method: str, summaries: list[dict[str, Any]], ratios: Any) -> None:
+        """Mark maps whose channel terms cancel (float noise, not an explanation) in their summaries.
+
+        ``signal_ratio`` is ``max |sum_c T_c| / max sum_c |T_c|`` of the raw map (null where the
+        method does not sum channel terms); below :data:`camserve.cam.DEGENERATE_RATIO` the
+        summary says ``degenerate: true`` with the reason, and the counter
+        ``camserve_degenerate_maps_total`` counts it.
+        """
+        from .cam import degenerate_reason
+
+        flagged = 0
+        for t, summary in enumerate(summaries):
+            ratio = float(ratios[t]) if ratios is not None else float("nan")
+            reason = degenerate_reason(ratio)
+            summary["signal_ratio"] = None if np.isnan(ratio) else float(f"{ratio:.3g}")
+            summary["degenerate"] = reason is not None
+            summary["degenerate_reason"] = reason
+            flagged += reason is not None
+        if flagged:
+            self.recorder.degenerate(method, flagged)
 
     # ------------------------------------------------------------------- batch ---
 

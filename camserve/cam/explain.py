@@ -7,6 +7,10 @@ Graph runs per call (``R`` = total (image, target) rows, x6 with ``aug_smooth``)
 * activation-only methods reuse it, or take a single forward run over the images;
 * FinerCAM adds one run with its own cotangent; ScoreCAM and AblationCAM add their batched
   masked-input / head-graph runs (see :mod:`camserve.cam.runs`).
+
+Alongside each map, the signal ratio of its raw per-layer maps tells a heatmap from float
+rounding noise (see :mod:`camserve.cam.degenerate`); it costs one more batched matmul or
+abs-sum per layer and method.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import numpy as np
 from ..errors import InputError
 from ..runtime import GraphOutputs
 from .augment import AUGMENTATIONS, augment, deaugment_mean
+from .degenerate import combine_ratios, not_applicable
 from .layouts import to_nchw
+from .methods import reduce_terms
 from .registry import MethodSpec, get_method
 from .runs import ablation_weights, scorecam_weights
 from .scaling import combine_layers
 from .targets import Rows, Target, expand_targets, finer_cotangent
-from .methods import gradcam
 
 
 @dataclass
@@ -36,12 +41,20 @@ class Explanation:
     classes of image ``i``; ``cams[method][i]`` float32 ``[T_i, H, W]`` in [0, 1], one map per
     target in ``classes[i]`` order; ``timings`` seconds spent in graph runs (``inference``)
     and in CAM post-processing (``cam``, plus ``cam.<method>`` per method).
+
+    ``signal_ratio[method][i]`` float64 ``[T_i]``, same order as ``cams[method][i]``: the
+    ratio ``max_ij |sum_c T| / max_ij sum_c |T|`` of the raw map's channel terms, minimum
+    over target layers (and over augmented copies with ``aug_smooth``); 1.0 for an empty
+    map, nan where the check does not apply (projections, ``eigen_smooth``). Below
+    :data:`camserve.cam.degenerate.DEGENERATE_RATIO` the map is rounding noise
+    (:func:`camserve.cam.degenerate.degenerate_reason`).
     """
 
     logits: np.ndarray
     classes: list[list[int]]
     cams: dict[str, list[np.ndarray]]
     timings: dict[str, float] = field(default_factory=dict)
+    signal_ratio: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
@@ -129,22 +142,27 @@ def explain(
     row_class = all_rows.resolve(row_logits)
 
     cams: dict[str, list[np.ndarray]] = {}
+    ratios: dict[str, list[np.ndarray]] = {}
     timings: dict[str, float] = {}
     splits = np.cumsum(rows.counts)[:-1]
     for spec in specs:
         method_start, inference_before = time.perf_counter(), runs.seconds
-        raw = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k)
-        result = combine_layers(raw, size)
+        per_layer = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k)
+        result = combine_layers([raw for raw, _ in per_layer], size)
+        ratio = combine_ratios([r for _, r in per_layer])
         if spec.source == "activations":
-            result = result[all_rows.image]
+            result, ratio = result[all_rows.image], ratio[all_rows.image]
         if aug_smooth:
             result = deaugment_mean(result)
+            ratio = ratio.reshape(copies, -1).min(axis=0)  # row r copy a is at a * R + r
         cams[spec.name] = np.split(result, splits)
+        ratios[spec.name] = np.split(ratio, splits)
         timings[f"cam.{spec.name}"] = time.perf_counter() - method_start - (runs.seconds - inference_before)
     classes = [c.tolist() for c in np.split(row_class[: len(rows)], splits)]
     timings["inference"] = runs.seconds
     timings["cam"] = time.perf_counter() - start - runs.seconds
-    return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings)
+    return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
+                       signal_ratio=ratios)
 
 
 def _raw_cams(
@@ -159,25 +177,34 @@ def _raw_cams(
     layers: Sequence[Any],
     eigen_smooth: bool,
     num_classes: int,
-) -> list[np.ndarray]:
-    """Raw per-layer maps of one method: ``[R, h, w]`` per layer (``[U, h, w]`` for activation-only)."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Raw per-layer maps of one method with their signal ratios: ``([R, h, w], [R])`` per
+    layer (``[U, h, w]``, ``[U]`` for activation-only)."""
     smooth = eigen_smooth and spec.eigen_smooth
     if spec.source == "gradients":
-        return [spec.function(to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(out.activations, out.gradients, layers)]
+        return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(out.activations, out.gradients, layers)]
     if spec.source == "activations":
-        return [spec.function(to_nchw(a, l), None, smooth) for a, l in zip(acts_u, layers)]
+        return [_layer_map(spec, to_nchw(a, l), None, smooth) for a, l in zip(acts_u, layers)]
     if spec.source == "finer":
         cotangent = finer_cotangent(row_logits, row_class)
         finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
-        return [gradcam(to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
+        return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
     if spec.source == "score":
         raw = []
         for a, l in zip(acts_u, layers):
             maps = to_nchw(a, l)
             weights = scorecam_weights(runs, runs.images, maps, rows.image, row_class)
-            raw.append(spec.function(weights, maps[rows.image], smooth))
+            raw.append(reduce_terms("weights", weights, maps[rows.image], smooth))
         return raw
     layer = layers[0]
     head_images = runs.images if "image" in getattr(runs.session.manifest, "head_inputs", ()) else None
     weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class, head_images)
-    return [spec.function(weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]
+    return [reduce_terms("weights", weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]
+
+
+def _layer_map(spec: MethodSpec, a: np.ndarray, g: np.ndarray | None, smooth: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's raw map and signal ratio: the method's terms computed once and reduced,
+    or its projection (ratio nan)."""
+    if spec.terms is None:
+        return spec.function(a, g, smooth), not_applicable(a.shape[0])
+    return reduce_terms(spec.form, spec.terms(a, g), a, smooth)

@@ -20,13 +20,27 @@ Element-wise methods produce ``cam = sum_c E_c`` (or ``P(E)``):
 
 Projection methods: EigenCAM ``P(A)``, EigenGradCAM ``P(G * A)``, KPCA-CAM the sigmoid
 kernel PCA of ``A`` (these always project; ``eigen_smooth`` changes nothing).
+
+Each summing method is split into its channel *terms* (``<method>_weights(A, G) -> w [N, C]``
+or ``<method>_elements(A, G) -> E [N, C, h, w]``) and a shared reduction,
+:func:`reduce_terms`, which returns the raw map together with its signal ratio
+``max_ij |sum_c T| / max_ij sum_c |T|`` ``[N]`` (:mod:`camserve.cam.degenerate`) from the
+same terms. The per-method functions (``gradcam(A, G, eigen_smooth)`` etc.) are the
+reduction of their terms without the ratio.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
+from .degenerate import cancellation_ratio, not_applicable
 from .projection import first_component, kernel_first_component
+
+#: How a method's raw map is formed from its terms: ``sum_c w_c A_c`` ("weights"),
+#: ``sum_c E_c`` ("elements"), or a projection with no channel terms ("projection").
+Form = Literal["weights", "elements", "projection"]
 
 
 def weighted_sum(weights: np.ndarray, maps: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
@@ -44,43 +58,111 @@ def weighted_sum(weights: np.ndarray, maps: np.ndarray, eigen_smooth: bool = Fal
     return np.matmul(channels_last.reshape(n, h * w, c), weights[:, :, None]).reshape(n, h, w)
 
 
-def _channel_sum(elements: np.ndarray, eigen_smooth: bool) -> np.ndarray:
+def channel_sum(elements: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """``sum_c E_c`` for ``elements [N, C, h, w]`` -> ``[N, h, w]`` (``P(E)`` if smoothing)."""
     return first_component(elements) if eigen_smooth else elements.sum(axis=1)
 
 
-def gradcam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
-    """GradCAM: channels weighted by their mean gradient."""
-    return weighted_sum(g.mean(axis=(2, 3)), a, eigen_smooth)
+def reduce_terms(form: Form, terms: np.ndarray, maps: np.ndarray | None = None,
+                 eigen_smooth: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw map ``[N, h, w]`` and signal ratio ``[N]`` float64 of a sum over channel terms.
+
+    ``form == "weights"``: ``terms`` are ``w [N, C]`` of ``maps`` ``A [N, C, h, w]``; the map
+    is :func:`weighted_sum` and the magnitude ``|w| @ |A|`` one more batched matmul.
+    ``form == "elements"``: ``terms`` are ``E [N, C, h, w]`` (``maps`` unused); the map is
+    :func:`channel_sum` and the magnitude ``sum_c |E|``. With ``eigen_smooth`` the map is
+    the projection and the ratio nan (see :mod:`camserve.cam.degenerate`).
+    """
+    if form == "weights":
+        assert maps is not None, "a weighted sum needs its maps"
+        cam = weighted_sum(terms, maps, eigen_smooth)
+        if eigen_smooth:
+            return cam, not_applicable(cam.shape[0])
+        return cam, cancellation_ratio(cam, weighted_sum(np.abs(terms), np.abs(maps)))
+    if form == "elements":
+        cam = channel_sum(terms, eigen_smooth)
+        if eigen_smooth:
+            return cam, not_applicable(cam.shape[0])
+        return cam, cancellation_ratio(cam, np.abs(terms).sum(axis=1))
+    raise ValueError(f"form {form!r} has no channel terms")
 
 
-def gradcam_plus_plus(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
-    """GradCAM++ (Chattopadhay et al. 2018, eq. 19): second/third-order gradient weighting."""
+# Channel terms of the summing methods: weights [N, C] or elements [N, C, h, w].
+
+
+def gradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """GradCAM weights ``mean_ij G_cij`` ``[N, C]``."""
+    return g.mean(axis=(2, 3))
+
+
+def gradcam_plus_plus_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """GradCAM++ weights ``[N, C]`` (Chattopadhay et al. 2018, eq. 19)."""
     g2 = g * g
     a_sum = a.sum(axis=(2, 3), keepdims=True)
     alpha = g2 / (2.0 * g2 + a_sum * (g2 * g) + 1e-6)
     alpha = np.where(g != 0, alpha, 0.0)
-    return weighted_sum((np.maximum(g, 0) * alpha).sum(axis=(2, 3)), a, eigen_smooth)
+    return (np.maximum(g, 0) * alpha).sum(axis=(2, 3))
+
+
+def xgradcam_weights(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """XGradCAM weights ``sum_ij G A / (sum_ij A + 1e-7)`` ``[N, C]``."""
+    a_sum = a.sum(axis=(2, 3), keepdims=True)
+    return (g * a / (a_sum + 1e-7)).sum(axis=(2, 3))
+
+
+def fem_weights(a: np.ndarray, g: np.ndarray | None = None, k: float = 2.0) -> np.ndarray:
+    """FEM weights: share of positions above ``mean + k std`` per channel, ``[N, C]`` float32."""
+    mean = a.mean(axis=(2, 3), keepdims=True)
+    std = a.std(axis=(2, 3), keepdims=True)
+    return (a > mean + k * std).mean(axis=(2, 3)).astype(np.float32)
+
+
+def hirescam_elements(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """HiResCAM terms ``G * A``."""
+    return g * a
+
+
+def gradcam_elementwise_elements(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """GradCAM element-wise terms ``relu(G * A)``."""
+    return np.maximum(g * a, 0)
+
+
+def layercam_elements(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """LayerCAM terms ``relu(G) * A``."""
+    return np.maximum(g, 0) * a
+
+
+# Raw maps per method (the reductions of the terms above, and the projections).
+
+
+def gradcam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """GradCAM: channels weighted by their mean gradient."""
+    return weighted_sum(gradcam_weights(a, g), a, eigen_smooth)
+
+
+def gradcam_plus_plus(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """GradCAM++ (Chattopadhay et al. 2018, eq. 19): second/third-order gradient weighting."""
+    return weighted_sum(gradcam_plus_plus_weights(a, g), a, eigen_smooth)
 
 
 def xgradcam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """XGradCAM: gradients weighted by the channel's share of activation."""
-    a_sum = a.sum(axis=(2, 3), keepdims=True)
-    return weighted_sum((g * a / (a_sum + 1e-7)).sum(axis=(2, 3)), a, eigen_smooth)
+    return weighted_sum(xgradcam_weights(a, g), a, eigen_smooth)
 
 
 def hirescam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """HiResCAM: element-wise gradient x activation, summed over channels."""
-    return _channel_sum(g * a, eigen_smooth)
+    return channel_sum(hirescam_elements(a, g), eigen_smooth)
 
 
 def gradcam_elementwise(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """GradCAM element-wise: ReLU of gradient x activation, summed over channels."""
-    return _channel_sum(np.maximum(g * a, 0), eigen_smooth)
+    return channel_sum(gradcam_elementwise_elements(a, g), eigen_smooth)
 
 
 def layercam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
     """LayerCAM: positive gradients as per-position weights of the activations."""
-    return _channel_sum(np.maximum(g, 0) * a, eigen_smooth)
+    return channel_sum(layercam_elements(a, g), eigen_smooth)
 
 
 def eigencam(a: np.ndarray, g: np.ndarray | None = None, eigen_smooth: bool = False) -> np.ndarray:
@@ -99,8 +181,5 @@ def kpcacam(a: np.ndarray, g: np.ndarray | None = None, eigen_smooth: bool = Fal
 
 
 def fem(a: np.ndarray, g: np.ndarray | None = None, eigen_smooth: bool = False, k: float = 2.0) -> np.ndarray:
-    """FEM: channels weighted by the share of positions above their ``mean + k std``."""
-    mean = a.mean(axis=(2, 3), keepdims=True)
-    std = a.std(axis=(2, 3), keepdims=True)
-    weights = (a > mean + k * std).mean(axis=(2, 3))
-    return weighted_sum(weights.astype(np.float32), a)
+    """FEM: channels weighted by the share of positions above their ``mean + k std`` (never smoothed)."""
+    return weighted_sum(fem_weights(a, g, k), a)

@@ -11,6 +11,11 @@ class names (``GradCAMPlusPlus`` -> ``gradcam++``, ``KPCA_CAM`` -> ``kpcacam``).
 * ``"finer"``      gradients of FinerCAM's own cotangent (a second graph run);
 * ``"score"``      ScoreCAM's masked-input runs of the graph;
 * ``"ablation"``   AblationCAM's runs of the head graph on ablated activations.
+
+``form`` and ``terms`` say how the raw map is built (:mod:`camserve.cam.methods`): a sum
+over channel terms, ``"weights"`` (``sum_c w_c A_c``) or ``"elements"`` (``sum_c E_c``),
+with ``terms(A, G)`` giving ``w`` or ``E``, or a ``"projection"``. ``explain`` reduces the
+terms once into the map and its signal ratio (:mod:`camserve.cam.degenerate`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from . import methods as m
 
 Source = Literal["gradients", "activations", "finer", "score", "ablation"]
 RawCam = Callable[..., np.ndarray]
+Terms = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,12 @@ class MethodSpec:
     GradCAM of its own gradients); for score and ablation it is
     ``function(weights [N, C], A, eigen_smooth)`` over the channel weights their runs give. ``eigen_smooth`` tells whether the flag changes the result
     (the projection methods always project; FEM ignores it, as in pytorch-grad-cam).
+
+    ``form`` is how the raw map is built; ``terms(A, G)`` gives the channel terms of the
+    summing methods (weights ``[N, C]`` or elements ``[N, C, h, w]``; FinerCAM: of its own
+    gradients) so that ``reduce_terms(form, terms(A, G), A, eigen_smooth)`` is ``function``'s
+    map plus its signal ratio. None for projections and for ScoreCAM / AblationCAM, whose
+    weights come from their graph runs.
     """
 
     name: str
@@ -42,6 +54,8 @@ class MethodSpec:
     source: Source
     eigen_smooth: bool
     summary: str
+    form: m.Form = "projection"
+    terms: Terms | None = None
 
     @property
     def needs_gradients(self) -> bool:
@@ -54,19 +68,22 @@ class MethodSpec:
 
 
 _SPECS = (
-    MethodSpec("gradcam", m.gradcam, "gradients", True, "channels weighted by mean gradient"),
-    MethodSpec("hirescam", m.hirescam, "gradients", True, "element-wise gradient x activation"),
-    MethodSpec("gradcamelementwise", m.gradcam_elementwise, "gradients", True, "ReLU of gradient x activation"),
-    MethodSpec("gradcam++", m.gradcam_plus_plus, "gradients", True, "higher-order gradient weights"),
-    MethodSpec("xgradcam", m.xgradcam, "gradients", True, "activation-normalized gradient weights"),
-    MethodSpec("layercam", m.layercam, "gradients", True, "positive gradients as per-position weights"),
+    MethodSpec("gradcam", m.gradcam, "gradients", True, "channels weighted by mean gradient", "weights", m.gradcam_weights),
+    MethodSpec("hirescam", m.hirescam, "gradients", True, "element-wise gradient x activation", "elements", m.hirescam_elements),
+    MethodSpec("gradcamelementwise", m.gradcam_elementwise, "gradients", True, "ReLU of gradient x activation",
+               "elements", m.gradcam_elementwise_elements),
+    MethodSpec("gradcam++", m.gradcam_plus_plus, "gradients", True, "higher-order gradient weights",
+               "weights", m.gradcam_plus_plus_weights),
+    MethodSpec("xgradcam", m.xgradcam, "gradients", True, "activation-normalized gradient weights", "weights", m.xgradcam_weights),
+    MethodSpec("layercam", m.layercam, "gradients", True, "positive gradients as per-position weights", "elements", m.layercam_elements),
     MethodSpec("eigencam", m.eigencam, "activations", False, "first principal component of activations"),
     MethodSpec("eigengradcam", m.eigengradcam, "gradients", False, "first principal component of gradient x activation"),
     MethodSpec("kpcacam", m.kpcacam, "activations", False, "sigmoid-kernel PCA of activations"),
-    MethodSpec("fem", m.fem, "activations", False, "channels weighted by their k-sigma outlier share"),
-    MethodSpec("scorecam", m.weighted_sum, "score", True, "softmax of target scores of activation-masked inputs"),
-    MethodSpec("ablationcam", m.weighted_sum, "ablation", True, "relative score drop when a channel is ablated"),
-    MethodSpec("finercam", m.gradcam, "finer", True, "GradCAM of the target against its most similar classes"),
+    MethodSpec("fem", m.fem, "activations", False, "channels weighted by their k-sigma outlier share", "weights", m.fem_weights),
+    MethodSpec("scorecam", m.weighted_sum, "score", True, "softmax of target scores of activation-masked inputs", "weights"),
+    MethodSpec("ablationcam", m.weighted_sum, "ablation", True, "relative score drop when a channel is ablated", "weights"),
+    MethodSpec("finercam", m.gradcam, "finer", True, "GradCAM of the target against its most similar classes",
+               "weights", m.gradcam_weights),
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
