@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -48,6 +50,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+@contextlib.contextmanager
+def _user_errors(spec: str) -> Iterator[None]:
+    """Turn any non-Camserve exception (the user's model failing in forward, tracing or export)
+    into a one-line ExportError naming the model spec; KeyboardInterrupt passes through."""
+    from camserve.errors import CamserveError, ExportError
+    from camserve.export.resolve import one_line
+
+    try:
+        yield
+    except CamserveError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"exporting {spec!r} failed: {one_line(exc)}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from camserve.errors import CamserveError
     from camserve.export import export_model, load_model, load_weights
@@ -62,12 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.weights:
         load_weights(model, args.weights)
     name = args.name or args.model.split(":", 1)[1].rsplit(".", 1)[-1]
-    manifest = export_model(
-        model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
-        model_name=name, model_version=args.version, mean=args.mean, std=args.std,
-        channel_order=args.channel_order, layouts=layouts, head=args.head,
-        log=lambda msg: print(msg, file=sys.stderr),
-    )
+    with _user_errors(args.model):
+        manifest = export_model(
+            model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
+            model_name=name, model_version=args.version, mean=args.mean, std=args.std,
+            channel_order=args.channel_order, layouts=layouts, head=args.head,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
     layers = ", ".join(f"{lay.name} ({lay.layout} {list(lay.shape)})" for lay in manifest.target_layers)
     print(f"exported {manifest.model_name} {manifest.model_version}: {manifest.num_outputs} classes, layers {layers}")
     return 0
