@@ -86,6 +86,9 @@ def post_image(url: str, data: bytes, content_type: str, token: str | None, time
             kind = err.get("error", {}).get("kind") or err.get("type") or ""
         except ValueError:
             detail, kind = body.decode(errors="replace").strip()[:300], ""
+        if kind == "InvalidKeyException":  # TorchServe's answer to a missing or wrong token (400, not 401)
+            detail = (f"{detail.rstrip('.')}. The server wants its inference token: pass --run-dir RUN_DIR "
+                      f"(the folder given to camserve serve, default serve_run), --key-file or --token")
         raise ClientError(f"HTTP {exc.code} {kind}: {detail}".replace("  ", " ")) from None
     except urllib.error.URLError as exc:
         raise ClientError(f"cannot reach {url}: {exc.reason}") from None

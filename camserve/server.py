@@ -120,7 +120,7 @@ def check_ports(config: Config, inference_host: str | None = None) -> None:
     """Refuse ports already taken, before starting: a gRPC clash would kill the server later."""
     s = config.server
     for name in PORT_FIELDS:
-        host = inference_host if name == "inference_port" and inference_host else s.host
+        host = inference_host if name in ("inference_port", "health_port") and inference_host else s.host
         with socket.socket() as sock:
             try:
                 sock.bind((host, getattr(s, name)))
@@ -336,7 +336,8 @@ def start(
     if keys.exists():
         keys.chmod(0o600)
     if wait:
-        instance = start_health(instance, host, s.health_port, env)
+        # beside the inference API: a probe reaches it where clients reach inference
+        instance = start_health(instance, inference_host or host, s.health_port, env)
     return instance
 
 

@@ -168,3 +168,20 @@ def test_unknown_model_or_version_exits_2(served, path, tmp_path, capsys):
                            "--images", images, "--out", out, "--run-dir", instance.run_dir)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "404" in err and path in err, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_token_refusal_names_the_flag_and_the_default_run_dir_works(served, tmp_path, capsys, monkeypatch):
+    """The README's compare example against a default (token on) server: without the key the
+    one-line error says which flag to pass; from the folder that holds serve_run it just works."""
+    import shutil
+
+    instance, images, _, _ = served
+    a, b = f"{instance.inference_url}/shapes/1.0", f"{instance.inference_url}/shapes/1.0"
+    monkeypatch.chdir(tmp_path)  # no serve_run here: no key to find
+    code, _, err = compare(capsys, "--a", a, "--b", b, "--images", images, "--out", tmp_path / "r1")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "InvalidKeyException" in err and "--run-dir" in err and "--token" in err, err
+    (tmp_path / "serve_run").mkdir()
+    shutil.copy(instance.run_dir / "key_file.json", tmp_path / "serve_run" / "key_file.json")
+    code, out, err = compare(capsys, "--a", a, "--b", b, "--images", images, "--out", tmp_path / "r2")
+    assert code == 0 and (tmp_path / "r2" / "summary.json").is_file(), err

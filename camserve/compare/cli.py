@@ -99,6 +99,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--show", type=int, default=12, help="cases shown with overlays per ranked list (default 12)")
     p.add_argument("--token", help="inference token (else read from --key-file or --run-dir)")
     p.add_argument("--key-file", help="TorchServe key_file.json")
-    p.add_argument("--run-dir", help="camserve serve's run folder (for its key file)")
+    p.add_argument("--run-dir", default="serve_run", help="camserve serve's run folder, for its key file (default serve_run)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.set_defaults(func=run)
