@@ -164,11 +164,18 @@ def test_2000_requests_from_16_clients_give_2000_chained_records(audited_server)
     # the workers' audit counters reach TorchServe's metrics endpoint
     from camserve.metrics import parse_prometheus
 
-    status, _, text = http_call("GET", f"{instance.metrics_url}/metrics")
-    samples = parse_prometheus(text.decode())
-    written = sum(v for (name, labels), v in samples.items()
-                  if name == "camserve_audit_records_total" and dict(labels).get("model_name") == "tiny")
-    assert status == 200 and written >= 2000
+    def written() -> tuple[int, dict]:
+        status, _, text = http_call("GET", f"{instance.metrics_url}/metrics")
+        assert status == 200
+        samples = parse_prometheus(text.decode())
+        return sum(v for (name, labels), v in samples.items()
+                   if name == "camserve_audit_records_total" and dict(labels).get("model_name") == "tiny"), samples
+
+    deadline = time.monotonic() + 30  # counters travel through the workers' stdout: poll
+    while (count_samples := written())[0] < 2000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    count, samples = count_samples
+    assert count >= 2000
     assert not any(name == "camserve_audit_records_lost_total" and v > 0 for (name, _), v in samples.items())
 
 

@@ -145,11 +145,13 @@ def test_serve_reports_broken_models_instead_of_waiting(broken_neighbours):
 @pytest.mark.server
 def test_model_log_names_each_problem(broken_neighbours):
     instance, *_ = broken_neighbours
-    log = model_log(instance.run_dir).splitlines()
-    assert any("-corrupt_1.0-" in line and "ManifestError: graph file" in line and "does not match the manifest's sha256" in line
-               for line in log)
-    assert any("-nomanifest_1.0-" in line and "ManifestError: no manifest at" in line for line in log)
-    assert not any("-tiny_1.0-" in line and DIED in line for line in log)
+    def logged(check) -> bool:
+        return eventually(lambda: any(check(line) for line in model_log(instance.run_dir).splitlines()))
+
+    assert logged(lambda line: "-corrupt_1.0-" in line and "ManifestError: graph file" in line
+                  and "does not match the manifest's sha256" in line)
+    assert logged(lambda line: "-nomanifest_1.0-" in line and "ManifestError: no manifest at" in line)
+    assert not any("-tiny_1.0-" in line and DIED in line for line in model_log(instance.run_dir).splitlines())
 
 
 @pytest.mark.server
@@ -241,6 +243,11 @@ def fill(folder: Path) -> None:
         os.close(fd)
 
 
+#: The audit timeout of the full-disk servers: long enough that a refusal "at once" on a
+#: busy machine is still told apart from one that waited it out.
+TIMEOUT_S = 5.0
+
+
 @pytest.fixture(scope="module", params=["block", "fail-closed", "fail-open"])
 def full_disk_server(request, tmp_path_factory, good_archive):
     """(instance, policy, mount point, audit folder): one worker, SQLite audit with heatmaps on a 256 KiB tmpfs."""
@@ -259,7 +266,7 @@ def full_disk_server(request, tmp_path_factory, good_archive):
         config = load_config(env={}, overrides={
             "server": {p: 0 for p in PORTS},
             "runtime": {"ort_threads": 1},
-            "audit": {"path": str(mnt / "audit"), "policy": policy, "timeout_s": 3, "store_heatmaps": True},
+            "audit": {"path": str(mnt / "audit"), "policy": policy, "timeout_s": TIMEOUT_S, "store_heatmaps": True},
         })
         yield start(config, run_dir=run_dir, model_store=good_archive.parent), policy, mnt, mnt / "audit"
     finally:
@@ -316,15 +323,17 @@ def test_full_heatmap_disk_applies_the_policy_and_recovers(full_disk_server, cap
     for status, answer, seconds in full:
         if policy == "fail-open":
             assert status == 200 and answer["images"][0]["explanations"], answer
-            named = [line for line in model_log(instance.run_dir).splitlines() if "AUDIT RECORDS LOST" in line]
-            assert any(answer["request_id"] in line and "database or disk is full" in line for line in named)
+            # each answer's loss is logged by the audit writer after the answer left: poll for it
+            assert eventually(lambda: any(answer["request_id"] in line and "database or disk is full" in line
+                                          for line in model_log(instance.run_dir).splitlines()
+                                          if "AUDIT RECORDS LOST" in line)), answer["request_id"]
         else:
             assert status == 503 and answer["error"]["kind"] == "audit_unavailable", answer
             assert "could not be written" in answer["error"]["message"] and policy in answer["error"]["message"]
             if policy == "block":
-                assert 2.5 <= seconds < 20, seconds  # waited for timeout_s (3 s) while the writer retried
+                assert TIMEOUT_S - 0.5 <= seconds < 60, seconds  # waited for timeout_s while the writer retried
             else:
-                assert seconds < 2.5, seconds  # at once
+                assert seconds < TIMEOUT_S - 0.5, seconds  # at once: never waited out the timeout
     assert eventually(lambda: counter(instance, "camserve_audit_sink_failures_total") >= failures + 3)
     lost_now = lost + (3 if policy == "fail-open" else 0)
     assert eventually(lambda: counter(instance, "camserve_audit_records_lost_total") == lost_now)
