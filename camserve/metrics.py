@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import bisect
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,17 +134,28 @@ def write_metrics_config(path: str | Path) -> Path:
 class Recorder:
     """Records camserve metrics through a TorchServe ``context.metrics`` cache.
 
-    Any failure to record is swallowed: metrics must never fail a request.
+    Plain counters are sent at once. Histogram observations only add to in-memory deltas of
+    their bucket, sum and count counters, which a background thread sends every
+    ``flush_s`` seconds: each counter update is one log line from the worker to the
+    frontend, and a histogram observation touches up to 25 bucket counters, so sending them
+    per batch would cost the request path milliseconds (``bench/bench_metrics.py``). Lines
+    per second are bounded by the number of series, whatever the request rate; histograms
+    reach ``/metrics`` up to ``flush_s`` after their answer. Any failure to record is
+    swallowed: metrics must never fail a request.
     """
 
-    def __init__(self, cache: Any, model: str, version: str, max_batch_size: int = 64) -> None:
+    def __init__(self, cache: Any, model: str, version: str, max_batch_size: int = 64, flush_s: float = 1.0) -> None:
         self.cache = cache
         self.model, self.version = label(model), label(version)
+        self.flush_s = flush_s
         self._types: dict[str, Any] = {}
         self._buckets = {name: LATENCY_BUCKETS for name, kind, unit, *_ in METRICS if kind == "histogram" and unit == "seconds"}
         self._buckets[BATCH_SIZE] = size_buckets(max_batch_size)
         #: ``le`` label values per histogram, formatted as prometheus-client formats them.
         self._le = {name: [floatToGoString(b) for b in (*bounds, float("inf"))] for name, bounds in self._buckets.items()}
+        self._pending: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
         if cache is not None:
             from ts.metrics.metric_type_enum import MetricTypes
 
@@ -162,12 +175,30 @@ class Recorder:
         if self.cache is None:
             return
         bucket, total, count = histogram_series(name)
-        bounds, les = self._buckets[name], self._le[name]
-        first = bisect.bisect_left(bounds, value)  # the first bucket with value <= le
-        for le in les[first:]:
-            self._add(bucket, times, *extra, le)
-        self._add(total, value * times, *extra)
-        self._add(count, times, *extra)
+        extra = tuple(label(e) for e in extra)
+        first = bisect.bisect_left(self._buckets[name], value)  # the first bucket with value <= le
+        with self._lock:
+            pending = self._pending
+            for le in self._le[name][first:]:
+                key = (bucket, (*extra, le))
+                pending[key] = pending.get(key, 0) + times
+            pending[(total, extra)] = pending.get((total, extra), 0.0) + value * times
+            pending[(count, extra)] = pending.get((count, extra), 0) + times
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="camserve-metrics", daemon=True)
+                self._flusher.start()
+
+    def flush(self) -> None:
+        """Send the histogram deltas recorded since the last flush (the background thread's job)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for (name, extra), value in pending.items():
+            self._add(name, value, *extra)
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            self.flush()
 
     def requests(self, n: int) -> None:
         self._add(REQUESTS, n)

@@ -62,6 +62,7 @@ def test_recorder_dimensions_match_declarations_and_never_raise():
     rec.error("bad,kind:x")
     rec.explain("gradcam++", 0.01)
     rec.batch(3)
+    rec.flush()
     for name, _value, values in cache.seen:
         assert len(values) == len(SERIES[name])
     assert cache.seen[1][2] == ["my_model", "1.0", "bad_kind_x"] and label("gradcam++") == "gradcam++"
@@ -71,7 +72,9 @@ def test_recorder_dimensions_match_declarations_and_never_raise():
         def get_metric(self, *_a):
             raise RuntimeError("metrics backend down")
 
-    Recorder(Broken(), "m", "v").explain("gradcam", 1.0)  # swallowed
+    broken = Recorder(Broken(), "m", "v")
+    broken.explain("gradcam", 1.0)
+    broken.flush()  # swallowed
 
 
 def histogram(cache, name):
@@ -95,6 +98,8 @@ def test_histograms_use_their_own_buckets():
     rec = Recorder(cache, "m", "1.0", max_batch_size=32)
     rec.inference(0.0012)
     rec.inference(42.0)
+    assert not cache.seen  # histograms travel in the background flush, off the request path
+    rec.flush()
     buckets, total, count = histogram(cache, "camserve_inference_latency_seconds")
     assert "0.001" not in buckets  # 1.2 ms is above the first bound
     assert buckets["0.002"] == 1 and buckets["60.0"] == 2 and buckets["+Inf"] == 2 and buckets["30.0"] == 1
@@ -102,9 +107,27 @@ def test_histograms_use_their_own_buckets():
     assert size_buckets(32) == (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
     for size in (1, 7, 12, 32, 40):
         rec.batch(size)
+    rec.flush()
     buckets, total, count = histogram(cache, "camserve_batch_size")
     assert buckets["1.0"] == 1 and buckets["7.0"] == 2 and buckets["8.0"] == 2 and buckets["16.0"] == 3
     assert buckets["32.0"] == 4 and buckets["+Inf"] == 5 and total == 92 and count == 5
     rec.request_latency(0.05, 8)  # per request: one observation per request of the server batch
+    rec.flush()
     buckets, total, count = histogram(cache, "camserve_request_latency_seconds")
     assert count == 8 and buckets["0.06"] == 8 and "0.04" not in buckets and abs(total - 0.4) < 1e-9
+
+
+def test_histograms_flush_in_the_background():
+    """Deltas of many observations go out as one update per series, within flush_s."""
+    import time
+
+    cache = FakeCache()
+    rec = Recorder(cache, "m", "1.0", flush_s=0.05)
+    for _ in range(50):
+        rec.inference(0.02)
+    deadline = time.monotonic() + 10
+    while not any(n == "camserve_inference_latency_seconds_count" for n, _v, _d in cache.seen) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    buckets, total, count = histogram(cache, "camserve_inference_latency_seconds")
+    assert count == 50 and buckets["0.025"] == 50 and buckets["+Inf"] == 50 and abs(total - 1.0) < 1e-9
+    assert sum(1 for n, _v, d in cache.seen if n == "camserve_inference_latency_seconds_bucket" and d[-1] == "+Inf") == 1
