@@ -78,8 +78,9 @@ class ServerConfig:
     model_store: str = "model_store"
     models: str = "all"
     java_heap: str = "256m"
-    #: TorchServe's keys expire (default 60 min); renew with the API key (see README).
-    token_expiration_min: int = 1440
+    #: TorchServe's keys expire (its default 60 min; fractions allowed); renew with the API
+    #: key (docs/serving.md). The health check renews the management key it uses itself.
+    token_expiration_min: float = 1440.0
     #: The frontend's own body ceiling (``max_request_size``); 0 = twice
     #: ``limits.max_body_bytes`` plus 1 MiB. Bodies between the two reach the handler,
     #: which refuses them with the ``body_too_large`` JSON answer and an audit record;
@@ -95,7 +96,9 @@ class ServerConfig:
                 raise ConfigError(f"server.{name} must be a port number 0..65535, got {port!r}")
         if not isinstance(self.max_request_bytes, int) or self.max_request_bytes < 0:
             raise ConfigError(f"server.max_request_bytes must be >= 0, got {self.max_request_bytes!r}")
-        for name in ("batch_size", "workers", "response_timeout_s", "token_expiration_min"):
+        if not isinstance(self.token_expiration_min, (int, float)) or not self.token_expiration_min > 0:
+            raise ConfigError(f"server.token_expiration_min must be > 0, got {self.token_expiration_min!r}")
+        for name in ("batch_size", "workers", "response_timeout_s"):
             _positive(f"server.{name}", getattr(self, name))
         if self.max_batch_delay_ms < 0:
             raise ConfigError(f"server.max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")

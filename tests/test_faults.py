@@ -37,7 +37,7 @@ from camserve.load_errors import load_failures
 from camserve.config import PORT_FIELDS
 
 PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
-PORT_ARGS = [a for p in ("inference", "management", "metrics", "grpc-inference", "grpc-management") for a in (f"--{p}-port", "0")]
+PORT_ARGS = [a for p in PORTS for a in (f"--{p.removesuffix('_port').replace('_', '-')}-port", "0")]
 DIED = "Backend worker process died."
 
 

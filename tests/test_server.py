@@ -7,6 +7,7 @@ against the CAM module run directly on the same images.
 from __future__ import annotations
 
 import json
+import time
 import stat
 import struct
 import zlib
@@ -222,22 +223,26 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
     def total(samples, name, **labels):
         return sum(v for (n, lab), v in samples.items() if n == name and all(dict(lab).get(k) == w for k, w in labels.items()))
 
-    before = scrape()
+    v = {"model_name": "tiny", "model_version": "2.0"}
+
+    def settled(at_least: float = 0):
+        """A scrape once ``at_least`` requests were counted and every counted request's
+        histograms arrived: they leave the worker in a background flush, after the request
+        counter (every request observes the request latency once)."""
+        deadline = time.monotonic() + 30
+        while True:
+            samples = scrape()
+            requests = total(samples, "camserve_requests_total", **v)
+            latency = total(samples, "camserve_request_latency_seconds_count", **v)
+            if (requests >= at_least and latency >= requests) or time.monotonic() > deadline:
+                return samples
+            time.sleep(0.2)
+
+    before = settled()
     for _ in range(3):
         assert post(instance, "/explanations/tiny/2.0", bad_body("good"))[0] == 200
     assert post(instance, "/explanations/tiny/2.0", b"nope")[0] == 415
-    v = {"model_name": "tiny", "model_version": "2.0"}
-    # worker metrics reach the frontend through its stdout a moment after the answers: poll
-    # until the last ones (the 415's request latency) have arrived
-    import time
-
-    deadline = time.monotonic() + 30
-    while True:
-        after = scrape()
-        name = "camserve_request_latency_seconds_count"
-        if total(after, name, **v) - total(before, name, **v) >= 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    after = settled(total(before, "camserve_requests_total", **v) + 4)
     assert total(after, "camserve_requests_total", **v) - total(before, "camserve_requests_total", **v) == 4
     assert total(after, "camserve_errors_total", kind="not_an_image", **v) - total(before, "camserve_errors_total", kind="not_an_image", **v) == 1
     count = "camserve_explain_latency_seconds_count"
