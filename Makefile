@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[export,serve,compare,postgres,test]'
+	$(PY) -m pip install -q -e '.[export,serve,kserve,compare,postgres,test]'
 	# pytorch-grad-cam is the numerical oracle of the tests only; its declared deps would
 	# pull the GUI build of OpenCV beside the headless one, so it comes without them.
 	$(PY) -m pip install -q --no-deps grad-cam==1.5.7

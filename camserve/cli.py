@@ -20,7 +20,7 @@ from .errors import CamserveError  # noqa: E402
 #: Sub-command modules, imported lazily so ``camserve --help`` does not import torch.
 COMMANDS: tuple[str, ...] = (
     "camserve.export.cli",
-    "camserve.archive", "camserve.serve_cli", "camserve.client",
+    "camserve.archive", "camserve.serve_cli", "camserve.kserve_cli", "camserve.client",
     "camserve.audit.cli", "camserve.compare.cli",
 )
 

@@ -43,6 +43,18 @@ class Request:
     request_id: str = ""
     explain_route: bool = False
     header_params: str | None = None
+    #: A problem the front-end found before the pipeline (a KServe input of the wrong
+    #: datatype, broken base64): the pipeline answers and audits it like its own refusals.
+    refusal: Exception | None = None
+    #: Every field is an image, as the protocol declared it (KServe's BYTES ``image`` input):
+    #: no field is taken for a parameter, however short.
+    images_only: bool = False
+
+    def parts(self) -> tuple[list[tuple[str, bytes]], dict[str, Any], Any]:
+        """:func:`split_fields` of this request's fields."""
+        if self.images_only:
+            return [(name, bytes(data)) for name, data in self.fields.items()], {}, None
+        return split_fields(self.fields)
 
 
 def header(context: Any, idx: int, name: str) -> str | None:
@@ -84,6 +96,9 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     error_kind: str | None = None
+    #: With ``output=array``: ``{method: [float32 [T, H, W] per image]}``, the maps the answer
+    #: encodes as float16, for front-ends that return raw tensors (KServe's ``cam_<method>``).
+    cams: dict[str, list[Any]] | None = None
 
 
 def split_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, bytes]], dict[str, Any], Any]:

@@ -42,7 +42,7 @@ from .config import Limits
 from .errors import CamserveError
 from .metrics import Recorder
 from .params import BadParameter, RequestParams, merge_sources, parse_params
-from .request import BodyTooLarge, Request, Response, TooManyImages, header_source, split_fields
+from .request import BodyTooLarge, Request, Response, TooManyImages, header_source
 
 SCHEMA = "camserve/1"
 TOP_PREDICTIONS = 5
@@ -99,10 +99,12 @@ class Service:
     # ------------------------------------------------------------------ stages ---
 
     def _parse(self, item: _Item) -> None:
+        if item.request.refusal is not None:
+            raise item.request.refusal
         size = sum(len(v) for v in item.request.fields.values() if isinstance(v, (bytes, bytearray, memoryview, str)))
         if size > self.limits.max_body_bytes:
             raise BodyTooLarge(f"the request carries {size} bytes, more than the limit of {self.limits.max_body_bytes}")
-        parts, query, json_field = split_fields(item.request.fields)
+        parts, query, json_field = item.request.parts()
         try:
             raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
             item.params = parse_params(
@@ -305,7 +307,8 @@ class Service:
                 responses.append(self.error_response(item.request, item.error))
                 continue
             encode_total += body["timings_ms"]["encode"] / 1000.0
-            responses.append(Response(200, json.dumps(body).encode()))
+            cams = results[id(item)]["cams"] if "array" in item.params.output else None
+            responses.append(Response(200, json.dumps(body).encode(), cams=cams))
         if good:
             self.recorder.encode(encode_total)
         self.recorder.request_latency(time.perf_counter() - handle_start, len(items))

@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from ..request import Request, Response, split_fields
+from ..request import Request, Response
 from ..service import Service, _Item
 from .metrics import AuditMetrics
 from .sink import open_sink
@@ -47,7 +47,7 @@ class AuditedService(Service):
         parts: list[tuple[str, bytes]] | None = None
         if item.error is not None and len(item.sha256) == 0:  # refused before decoding: hash what was sent
             try:
-                parts = split_fields(item.request.fields)[0]
+                parts = item.request.parts()[0]
                 record["input_sha256"] = [hashlib.sha256(data).hexdigest() for _, data in parts]
             except Exception:  # noqa: BLE001 - the request's own error is already recorded
                 parts = None
@@ -58,7 +58,7 @@ class AuditedService(Service):
             record["heatmap_pngs"] = [[e.get("png") for e in img.get("explanations", [])] for img in body["images"]]
         if self.audit.store_inputs and body is not None:
             try:
-                parts = split_fields(item.request.fields)[0]
+                parts = item.request.parts()[0]
                 record["input_bytes"] = [data for name, data in parts if name in item.names]
             except Exception:  # noqa: BLE001 - parsed once already; the record goes without them
                 log.error("audit: cannot keep the input bytes of request %s", item.request.request_id)

@@ -1,0 +1,223 @@
+"""KServe front-end: a ``kserve.Model`` that is a thin adapter over camserve's one pipeline.
+
+Everything a request goes through (limits, parameter parsing, decoding, ONNX Runtime, CAM
+methods, rendering, audit, metrics) is :mod:`camserve.service`, exactly as in the TorchServe
+handler; this module only translates KServe's protocols to :class:`~camserve.request.Request`
+and the pipeline's answer back.
+
+Open Inference Protocol v2 (``POST /v2/models/NAME/infer``):
+
+* input ``image``, datatype ``BYTES``, shape ``[N]``: one element per image, the encoded file
+  in base64 (KServe's REST server turns every BYTES element into text, so raw bytes cannot
+  travel, even in the binary extension);
+* request ``parameters``: ``methods``, ``target``, ``topk``, ``output``, ``aug_smooth``,
+  ``eigen_smooth``, ``explain`` (as on TorchServe; explanations are on unless ``explain``
+  is false or ``output=none``);
+* outputs: ``answer`` BYTES ``[N]``, one JSON document per image (the TorchServe answer's
+  ``images[i]``), and with ``output=array`` one ``cam_<method>`` FP32 ``[N, T, H, W]``.
+
+v1: ``POST /v1/models/NAME:predict`` and ``:explain`` with ``{"instances": [{"image":
+{"b64": ...}}], "parameters": {...}}`` answer ``{"predictions": [images[i], ...]}`` and
+``{"explanations": [...]}`` (``:predict`` explains only when asked, like ``/predictions``).
+
+A refused request (wrong datatype or shape, missing input, broken base64, not an image,
+unknown parameter, oversized body) goes through the pipeline as a refusal, so it is
+answered with the pipeline's 4xx JSON and audited like any other; :class:`Refused` carries
+it to the HTTP layer (:mod:`camserve.kserve_server` turns it into the response).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse, Model
+
+from .errors import InputError
+from .params import PARAM_NAMES, UnknownParameter
+from .request import Request, Response
+
+INPUT = "image"
+ANSWER = "answer"
+#: Request parameters that clients add for themselves (tritonclient's binary_data_output, ...).
+CLIENT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
+
+
+class BadInput(InputError):
+    """A KServe input that is not what the model takes (names the input and the problem)."""
+
+    kind = "bad_input"
+
+
+class Refused(Exception):
+    """A pipeline answer with a 4xx/5xx status, on its way to the HTTP layer."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.body.decode(errors="replace")[:200])
+        self.response = response
+
+
+class CamserveModel(Model):
+    """One exported model served by KServe's ModelServer (see the module docstring)."""
+
+    def __init__(self, name: str, export_dir: str | Path, config: Any, version: str | None = None,
+                 base: str | Path | None = None) -> None:
+        super().__init__(name)
+        self.export_dir, self.config, self.base = Path(export_dir), config, base
+        self.version = version
+        self.service: Any = None
+        #: One pipeline call at a time, as in a TorchServe worker (the audited service keeps
+        #: per-batch state); ONNX Runtime uses the threads of runtime.ort_threads.
+        self._lock = threading.Lock()
+
+    def load(self) -> bool:
+        from .audit.service import make_service
+        from .metrics import Recorder
+        from .prom import process_cache
+        from .runtime import GraphSession, default_providers
+
+        providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+        session = GraphSession(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
+                               intra_op_threads=self.config.runtime.threads_for(1))
+        self.version = self.version or session.manifest.model_version
+        cache = process_cache()
+        recorder = Recorder(cache, self.name, self.version, self.config.limits.max_batch_size)
+        self.service = make_service(self.config, session, recorder, name=self.name, version=self.version,
+                                    metrics_cache=cache, base=self.base)
+        self.ready = True
+        return True
+
+    # ----------------------------------------------------------------- metadata ---
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        h, w = self.service.manifest.input_size if self.service else (-1, -1)
+        outputs = [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}]
+        methods = self.service.methods if self.service else ()
+        return outputs + [{"name": f"cam_{m}", "datatype": "FP32", "shape": [-1, -1, h, w]} for m in methods]
+
+    # ------------------------------------------------------------------- routes ---
+
+    async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, InferRequest):
+            return await asyncio.to_thread(self._infer_v2, payload)
+        return await asyncio.to_thread(self._infer_v1, payload, False)
+
+    async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        return await asyncio.to_thread(self._infer_v1, payload, True)
+
+    def _serve(self, request: Request) -> Response:
+        with self._lock:
+            (response,) = self.service.handle([request])
+        if response.status != 200:
+            raise Refused(response)
+        return response
+
+    def _infer_v2(self, payload: InferRequest) -> InferResponse:
+        request_id = payload.id or str(uuid.uuid4())
+        fields, refusal = {}, None
+        try:
+            fields = v2_fields(payload)
+            params = client_parameters(payload.parameters or {})
+        except InputError as exc:
+            refusal, params = exc, {}
+        request = Request(fields, request_id, explain_route=True, refusal=refusal, images_only=True,
+                          header_params=json.dumps(params) if params else None)
+        response = self._serve(request)
+        images = json.loads(response.body)["images"]
+        outputs = [InferOutput(ANSWER, [len(images)], "BYTES",
+                               data=np.array([json.dumps(img) for img in images], dtype=np.object_))]
+        for method, maps in (response.cams or {}).items():
+            stacked = np.stack([np.asarray(m, dtype=np.float32) for m in maps])
+            outputs.append(InferOutput(f"cam_{method}", list(stacked.shape), "FP32", data=stacked))
+        return InferResponse(request_id, self.name, outputs, model_version=self.version,
+                             use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
+
+    def _infer_v1(self, payload: Any, explain: bool) -> dict[str, Any]:
+        fields, refusal, params = {}, None, {}
+        try:
+            fields, params = v1_fields(payload)
+        except InputError as exc:
+            refusal = exc
+        request = Request(fields, str(uuid.uuid4()), explain_route=explain, refusal=refusal, images_only=True,
+                          header_params=json.dumps(params) if params else None)
+        images = json.loads(self._serve(request).body)["images"]
+        return {"explanations" if explain else "predictions": images}
+
+
+# ------------------------------------------------------------------ translation ---
+
+
+def b64_image(text: Any, where: str) -> bytes:
+    """The image bytes of one base64 element (``str`` or ``bytes``), strictly decoded."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("ascii", errors="replace")
+    if not isinstance(text, str):
+        raise BadInput(f"{where} must be a base64 string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{where} is not valid base64 ({len(text)} characters)") from None
+
+
+def v2_fields(payload: InferRequest) -> dict[str, bytes]:
+    """``{"image_i": bytes}`` from a v2 request's ``image`` input (checked: name, datatype, shape)."""
+    names = [i.name for i in payload.inputs]
+    unknown = [n for n in names if n != INPUT]
+    if unknown:
+        raise BadInput(f"unknown input {unknown[0]!r} (this model takes one input, {INPUT!r}, BYTES [N])")
+    if INPUT not in names:
+        raise BadInput(f"missing input {INPUT!r} (BYTES [N], one base64 image per element)")
+    (inp,) = [i for i in payload.inputs if i.name == INPUT]
+    if inp.datatype != "BYTES":
+        raise BadInput(f"input {INPUT!r} has datatype {inp.datatype}, expected BYTES (base64 images)")
+    shape = list(inp.shape)
+    data = inp.data if isinstance(inp.data, list) else list(np.asarray(inp.data, dtype=object).reshape(-1))
+    if len(shape) != 1 or shape[0] != len(data) or not data:
+        raise BadInput(f"input {INPUT!r} has shape {shape} with {len(data)} elements, expected [N] with N >= 1")
+    return {f"image_{i}": b64_image(x, f"input {INPUT!r} element {i}") for i, x in enumerate(data)}
+
+
+def v1_fields(payload: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """(``{"image_i": bytes}``, parameters) from ``{"instances": [{"image": {"b64": ...}}], "parameters": {...}}``."""
+    if not isinstance(payload, dict):
+        raise BadInput(f"the body must be a JSON object with 'instances', got {type(payload).__name__}")
+    unknown = [k for k in payload if k not in ("instances", "parameters")]
+    if unknown:
+        raise BadInput(f"unknown key {unknown[0]!r} in the body (known: instances, parameters)")
+    instances = payload.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise BadInput("'instances' must be a non-empty list of {\"image\": {\"b64\": ...}}")
+    fields = {}
+    for i, inst in enumerate(instances):
+        image = inst.get("image") if isinstance(inst, dict) else None
+        b64 = image.get("b64") if isinstance(image, dict) else image
+        if b64 is None:
+            raise BadInput(f"instance {i} has no image (send {{\"image\": {{\"b64\": \"...\"}}}})")
+        fields[f"image_{i}"] = b64_image(b64, f"instance {i}")
+    params = payload.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadInput(f"'parameters' must be a JSON object, got {type(params).__name__}")
+    return fields, client_parameters(params)
+
+
+def client_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """camserve's parameters from a request's ``parameters`` (client-protocol keys dropped)."""
+    out = {}
+    for key, value in params.items():
+        if key in CLIENT_PARAMETERS or key.startswith("triton_"):
+            continue
+        if key not in PARAM_NAMES:
+            raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
+        out[key] = value
+    return out
