@@ -52,14 +52,20 @@ def _process(run_dir: Path):
 
 def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = None, version: str | None = None,
           host: str = "127.0.0.1", http_port: int = 8080, grpc_port: int = 8081, grpc: bool = True,
-          config_file: str | None = None, timeout: float = 180.0) -> dict[str, Any]:
-    """Start the server for ``exports`` and wait until every model is ready; returns the state."""
+          config_file: str | None = None, timeout: float = 180.0, foreground: bool = False) -> dict[str, Any]:
+    """Start the server for ``exports`` and wait until every model is ready; returns the state.
+
+    ``foreground``: become the server process instead (a container's main process).
+    """
     import importlib.util
 
     if importlib.util.find_spec("kserve") is None:  # not imported here: it parses this process's argv
         raise KServeError("the kserve package is not installed: pip install 'camserve[kserve]'")
+    from .config import load_config
     from .manifest import Manifest
     from .server import free_port
+
+    load_config(config_file)  # a bad setting is one line here, not a traceback in the server's log
 
     run_dir = Path(run_dir).resolve()
     if _process(run_dir) is not None:
@@ -78,9 +84,11 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")  # ONNX Runtime has its own threads (see camserve.server)
+    command = [sys.executable, "-m", "camserve.kserve_server", str(run_dir / "spec.json")]
+    if foreground:
+        os.execve(sys.executable, command, env)
     with open(run_dir / "logs" / "kserve.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "camserve.kserve_server", str(run_dir / "spec.json")],
-                                cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(command, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{spec['http_port']}"
     state = {"pid": proc.pid, "url": url, "grpc": f"{host}:{spec['grpc_port']}" if grpc else "",
@@ -117,7 +125,8 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
 
 def _serve(args: argparse.Namespace) -> int:
     state = start(args.exports, run_dir=args.run_dir, names=args.name, version=args.version, host=args.host,
-                  http_port=args.http_port, grpc_port=args.grpc_port, grpc=not args.no_grpc, config_file=args.config)
+                  http_port=args.http_port, grpc_port=args.grpc_port, grpc=not args.no_grpc, config_file=args.config,
+                  foreground=args.foreground)
     print(f"camserve: KServe serving {', '.join(f'{n} {v}' for n, v in state['models'].items())}")
     print(f"  REST (v1, v2) {state['url']}   metrics {state['url']}/metrics   health {state['url']}/v2/health/ready")
     if state["grpc"]:
@@ -144,7 +153,11 @@ def register(subparsers: Any) -> None:
     s.add_argument("--http-port", type=int, default=8080, help="REST port (0 = a free one; default 8080)")
     s.add_argument("--grpc-port", type=int, default=8081, help="gRPC port (0 = a free one; default 8081)")
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC server")
+    s.add_argument("--foreground", action="store_true", help="run the server in this process (a container's command)")
     s.set_defaults(func=_serve)
+    from .kserve_manifest import register as register_manifest
+
+    register_manifest(sub)
     q = sub.add_parser("stop", help="stop the server started by camserve kserve serve")
     q.add_argument("--run-dir", default="ks_run")
     q.set_defaults(func=_stop)
