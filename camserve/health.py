@@ -15,22 +15,27 @@ The answers reveal nothing else (no model names, versions, counts or software ve
 any other path or method is a 404/405 with the same one-field body. Checks are cached for
 one second, so a probe storm costs TorchServe at most one request per second per check.
 The process exits by itself when the TorchServe frontend it watches is gone, and
-``camserve stop`` stops it. When the management key has expired (TorchServe's
-``token_expiration_min``), it is renewed once with the API key from ``key_file.json``
-(TorchServe's token API), as an operator would.
+``camserve stop`` stops it (:func:`start_health`, :func:`health_process`). When the
+management key has expired (TorchServe's ``token_expiration_min``), the readiness check
+renews it with the API key (:func:`camserve.server.management_get`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .server import Instance
 
 CACHE_S = 1.0
 ANSWERS = {True: (200, "Healthy"), False: (503, "Unhealthy")}
@@ -72,34 +77,15 @@ class Checks:
             return resp.status == 200
 
     def _all_ready(self) -> bool:
-        from .server import ready_models
+        from .server import ready_models  # renews an expired management key itself
 
         ready = ready_models(self.instance)
-        if not ready and self.instance.key("management") and self._renew_management_key():
-            ready = ready_models(self.instance)
         return all(
             version in ready.get(name, [])
             for name, versions in self.instance.models.items()
             for version in versions
             if f"{name} {version}" not in self.instance.failed
         )
-
-    def _renew_management_key(self) -> bool:
-        """Renew an expired management key with the API key; True when a new one was issued."""
-        from .server import _request
-
-        token = self.instance.key("management")
-        status, _ = _request(f"{self.instance.management_url}/models", token)
-        if status != 400:  # the key works (or the frontend is down): nothing to renew
-            return False
-        api = self.instance.key("API")
-        req = urllib.request.Request(f"{self.instance.management_url}/token?type=management",
-                                     headers={"Authorization": f"Bearer {api}"})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
 
 
 def make_handler(checks: Checks) -> type[BaseHTTPRequestHandler]:
@@ -150,6 +136,56 @@ def serve(run_dir: Path, host: str, port: int, watch_pid: int) -> None:
     while watch_pid and _alive(watch_pid):
         time.sleep(2.0)
     httpd.shutdown()
+
+
+def start_health(instance: "Instance", host: str, port: int, env: dict[str, str], timeout: float = 30.0) -> "Instance":
+    """Start this module as the instance's health process and wait until it answers."""
+    from .server import Instance, ServerError, stop
+
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    log = open(instance.run_dir / "logs" / "health.log", "ab")
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "camserve.health", "--run-dir", str(instance.run_dir), "--host", host,
+             "--port", str(port), "--watch-pid", str(instance.pid)],
+            cwd=instance.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # it answers (503 while the frontend is busy still means it is up)
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(instance.run_dir)
+            raise ServerError(f"the health check did not start on {url} (see {instance.run_dir / 'logs' / 'health.log'})")
+        time.sleep(0.2)
+    instance = Instance(**{**instance.__dict__, "health_url": url, "health_pid": proc.pid})
+    instance.save()
+    return instance
+
+
+def health_process(run_dir: Path) -> Any:
+    """The health-check process of ``run_dir``, recognised by its command line (pids get reused)."""
+    import psutil
+
+    from .server import Instance, ServerError
+
+    state = run_dir / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        proc = psutil.Process(Instance.load(run_dir).health_pid or -1)
+        cmd = proc.cmdline()
+        if "camserve.health" in cmd and str(run_dir) in cmd:
+            return proc
+    except (psutil.Error, ValueError, ServerError):
+        pass
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

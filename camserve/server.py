@@ -181,17 +181,36 @@ def _request(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, An
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+            status, body = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, None
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:  # TorchServe's token API answers text that is not always JSON
+        return status, None
+
+
+def management_get(instance: Instance, path: str) -> tuple[int, Any]:
+    """GET ``path`` on the management API with the run folder's key.
+
+    TorchServe's keys expire (``token_expiration_min``); a refused key (TorchServe's 400
+    InvalidKeyException) is renewed once with the API key, which does not expire, and the
+    call repeated: a long-running health check or a slow start outlives any one key.
+    """
+    status, data = _request(f"{instance.management_url}{path}", instance.key("management"))
+    api = instance.key("API")
+    if status == 400 and api:
+        renewed, _ = _request(f"{instance.management_url}/token?type=management", api)
+        if renewed == 200:  # TorchServe wrote the new key to key_file.json
+            status, data = _request(f"{instance.management_url}{path}", instance.key("management"))
+    return status, data
 
 
 def ready_models(instance: Instance) -> dict[str, list[str]]:
     """``{model: [versions with a READY worker]}`` from the management API."""
     out: dict[str, list[str]] = {}
-    token = instance.key("management")
     for name in instance.models:
-        status, data = _request(f"{instance.management_url}/models/{name}/all", token)
+        status, data = management_get(instance, f"/models/{name}/all")
         if status != 200 or not isinstance(data, list):
             continue
         out[name] = [
@@ -336,36 +355,10 @@ def start(
     if keys.exists():
         keys.chmod(0o600)
     if wait:
+        from .health import start_health
+
         # beside the inference API: a probe reaches it where clients reach inference
         instance = start_health(instance, inference_host or host, s.health_port, env)
-    return instance
-
-
-def start_health(instance: Instance, host: str, port: int, env: dict[str, str], timeout: float = 30.0) -> Instance:
-    """Start the token-free health check (:mod:`camserve.health`) and wait until it answers."""
-    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    log = open(instance.run_dir / "logs" / "health.log", "ab")
-    with log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "camserve.health", "--run-dir", str(instance.run_dir), "--host", host,
-             "--port", str(port), "--watch-pid", str(instance.pid)],
-            cwd=instance.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            stop(instance.run_dir)
-            raise ServerError(f"the health check did not start on {url} (see {instance.run_dir / 'logs' / 'health.log'})")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                break
-        except urllib.error.HTTPError:
-            break  # it answers (503 while the frontend is busy still means it is up)
-        except OSError:
-            time.sleep(0.2)
-    instance = Instance(**{**instance.__dict__, "health_url": url, "health_pid": proc.pid})
-    instance.save()
     return instance
 
 
@@ -395,23 +388,6 @@ def instance_processes(run_dir: Path, pid: int) -> list:
     return list(procs.values())
 
 
-def _health_process(run_dir: Path):
-    """The health-check process of ``run_dir``, recognised by its command line (pids get reused)."""
-    import psutil
-
-    state = run_dir / "state.json"
-    if not state.is_file():
-        return None
-    try:
-        proc = psutil.Process(Instance.load(run_dir).health_pid or -1)
-        cmd = proc.cmdline()
-        if "camserve.health" in cmd and str(run_dir) in cmd:
-            return proc
-    except (psutil.Error, ValueError, ServerError):
-        pass
-    return None
-
-
 def start_error(run_dir: Path) -> str:
     """The first line of the frontend's console that says why it stopped."""
     console = run_dir / "logs" / "console.log"
@@ -435,8 +411,10 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
         pid = int(pid_file.read_text().split()[0])
     else:
         raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)")
+    from .health import health_process
+
     procs = instance_processes(run_dir, pid)
-    health = _health_process(run_dir)
+    health = health_process(run_dir)
     if health is not None:
         health.terminate()
         procs.append(health)
