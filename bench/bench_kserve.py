@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_server import export_resnet50, parse_requests, proc_status, request_jpeg, worker_pid  # noqa: E402
+from bench_server import concurrently, export_resnet50, parse_requests, proc_status, request_jpeg, worker_pid  # noqa: E402
 
 
 def drive(url: str, request: callable, total: int, concurrency: int) -> tuple[list[float], int, float]:
@@ -42,9 +42,8 @@ def drive(url: str, request: callable, total: int, concurrency: int) -> tuple[li
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
-    barrier = threading.Barrier(concurrency + 1)
 
-    def worker() -> None:
+    def worker(barrier: threading.Barrier) -> None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
         barrier.wait()
         while next(counter) < total:
@@ -66,14 +65,8 @@ def drive(url: str, request: callable, total: int, concurrency: int) -> tuple[li
                     errors[0] += 1
         conn.close()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for th in threads:
-        th.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for th in threads:
-        th.join()
-    return latencies, errors[0], time.perf_counter() - start
+    wall = concurrently(worker, concurrency)
+    return latencies, errors[0], wall
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -138,9 +138,8 @@ def drive(url: str, token: str | None, model: str, body: bytes, explain: bool, t
     batches: list[int] = []
     errors: dict[str, int] = {}
     lock = threading.Lock()
-    start = threading.Barrier(concurrency + 1)
 
-    def worker() -> None:
+    def worker(start: threading.Barrier) -> None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
         start.wait()
         while next(counter) < total:
@@ -169,14 +168,21 @@ def drive(url: str, token: str | None, model: str, body: bytes, explain: bool, t
                     batches.append(int(answer.get("batch", {}).get("images", 1)))
         conn.close()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    return Chunk(latencies, batches, errors, concurrently(worker, concurrency))
+
+
+def concurrently(worker: Callable[[threading.Barrier], None], concurrency: int) -> float:
+    """Run ``worker(barrier)`` in ``concurrency`` threads released together; the wall seconds
+    from their release (each worker waits on the barrier first) until the last one ends."""
+    barrier = threading.Barrier(concurrency + 1)
+    threads = [threading.Thread(target=worker, args=(barrier,), daemon=True) for _ in range(concurrency)]
     for th in threads:
         th.start()
-    start.wait()
+    barrier.wait()
     t0 = time.perf_counter()
     for th in threads:
         th.join()
-    return Chunk(latencies, batches, errors, time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def measure(url: str, token: str | None, model: str, body: bytes, total: int, concurrency: int,
