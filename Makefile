@@ -38,7 +38,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not server" $(PYTEST_ARGS)
 
 demo: install java
-	$(PY) -m camserve.demo_run --out demo_out
+	$(PY) -m camserve.demo --out demo_out
 
 bench: install
 	$(PY) bench/bench_export.py

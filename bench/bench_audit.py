@@ -47,8 +47,8 @@ PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from camserve import server
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve import server
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.audit import open_sink, verify
     from camserve.config import load_config
 
@@ -128,8 +128,8 @@ def in_process(models: list[str], batches: int, batch: int = 8) -> dict[str, dic
     process CPU time (the writer thread included) per request, in ms."""
     from camserve.audit.service import make_service
     from camserve.config import load_config
-    from camserve.request import Request
-    from camserve.runtime import GraphSession
+    from camserve.pipeline.request import Request
+    from camserve.pipeline.runtime import GraphSession
 
     body = request_jpeg()
     exports = {"resnet50": export_resnet50(), "trivial": export_trivial()}

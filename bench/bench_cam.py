@@ -9,7 +9,7 @@ For resnet50 (``layer4``: activations/gradients [N, 2048, 7, 7]) and vit_b_16
   ``torch.onnx.export(dynamo=True)`` graph of the same model stands in.
 * each CAM method: ``explain()``'s post-processing time (``timings["cam"]``: layouts, method,
   per-layer scaling, cv2-exact resize to 224 x 224, combination) on random arrays shaped
-  like the graph's outputs, plus 8-bit PNG encoding of every map (``camserve.render``), in
+  like the graph's outputs, plus 8-bit PNG encoding of every map (``camserve.pipeline.render``), in
   ms and as a share of the ORT run. Goal: GradCAM family < 5 % at N = 8.
 * ScoreCAM: N x C masked images in batches of 32 through the graph; timed on one batch and
   extrapolated (resnet50: 2048 runs-worth of images per image). AblationCAM: N x C ablated
@@ -44,7 +44,7 @@ from camserve.cam import TopK, explain  # noqa: E402
 from camserve.cam.runs import SCORECAM_BATCH, scorecam_weights  # noqa: E402
 from camserve.cam.layouts import to_nchw  # noqa: E402
 from camserve.manifest import LayerSpec, Manifest  # noqa: E402
-from camserve.runtime import GraphOutputs, GraphSession, session_options  # noqa: E402
+from camserve.pipeline.runtime import GraphOutputs, GraphSession, session_options  # noqa: E402
 
 MODELS = {
     "resnet50": ("layer4", LayerSpec("layer4", "NCHW", (2048, 7, 7))),
@@ -123,7 +123,7 @@ class ArraySession:
 
 
 def post_processing(method: str, spec: LayerSpec, n: int, repeats: int, runner: GraphSession | None = None) -> dict[str, float]:
-    from camserve import render
+    from camserve.pipeline import render
 
     session = ArraySession(spec, n, runner)
     images = np.zeros((n, 3, 224, 224), np.float32)

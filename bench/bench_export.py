@@ -53,7 +53,7 @@ def memory_child(graph: str, threads: int, explain: bool) -> None:
     """Child process: load one session, run a few batches, print VmHWM/VmRSS in MB."""
     import onnxruntime as ort
 
-    from camserve.runtime import session_options
+    from camserve.pipeline.runtime import session_options
 
     def status(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -82,7 +82,7 @@ def memory(graph: Path, threads: int, explain: bool) -> dict[str, float]:
 def latency(route: Path, plain: Path, batch: int, threads: int, rounds: int) -> tuple[float, float]:
     import onnxruntime as ort
 
-    from camserve.runtime import session_options
+    from camserve.pipeline.runtime import session_options
 
     opts = session_options(threads)
     s_route = ort.InferenceSession(str(route), sess_options=opts, providers=["CPUExecutionProvider"])

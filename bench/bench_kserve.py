@@ -70,8 +70,9 @@ def drive(url: str, request: callable, total: int, concurrency: int) -> tuple[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from camserve import kserve_cli, server
-    from camserve.archive import build_archive
+    from camserve.cli import kserve as kserve_cli
+    from camserve.serving.torchserve import server
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.config import PORT_FIELDS, load_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -8,7 +8,7 @@ log handler like the worker's (stdout, here sent to /dev/null), the lines and mi
 per server batch of one GradCAM model call, for both ways, interleaved in one run:
 
 * ``histograms``: one TorchServe histogram observation per value (the old way);
-* ``buckets``: camserve's :class:`camserve.metrics.Recorder` as the handler uses it: plain
+* ``buckets``: camserve's :class:`camserve.pipeline.metrics.Recorder` as the handler uses it: plain
   counters at once, histogram deltas in memory, sent by a background thread once a second
   (its cost per flush is printed separately: it does not grow with the request rate).
 
@@ -79,7 +79,7 @@ def new_batch(recorder) -> None:
 def main() -> int:
     import yaml
 
-    from camserve.metrics import METRICS, Recorder, metrics_config
+    from camserve.pipeline.metrics import METRICS, Recorder, metrics_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=2000)

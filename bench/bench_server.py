@@ -237,8 +237,8 @@ def worker_pid(instance: Any, model: str) -> int:
 def bare_ort_ms(export_dir: Path, body: bytes, threads: int, repeats: int) -> float:
     """p50 of GraphSession.run on one preprocessed image, top-1 cotangent (what a GradCAM
     request's model call is), with ``threads`` intra-op threads."""
-    from camserve import imageio
-    from camserve.runtime import GraphSession
+    from camserve.pipeline import imageio
+    from camserve.pipeline.runtime import GraphSession
 
     session = GraphSession(export_dir, intra_op_threads=threads, providers=["CPUExecutionProvider"])
     m = session.manifest
@@ -269,8 +269,8 @@ def parse_requests(text: str) -> list[tuple[int, int]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from camserve import server
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve import server
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.config import PORT_FIELDS, load_config
 
     load_before = os.getloadavg()

@@ -227,8 +227,8 @@ def judge(o: Outcome) -> str | None:
 
 
 def processes(instance: Any) -> tuple[int, list[int]]:
-    """(frontend pid, worker pids) of a camserve instance, found as ``camserve.server`` stops them."""
-    from camserve.server import instance_processes
+    """(frontend pid, worker pids) of a camserve instance, found as ``camserve.serving.torchserve.server`` stops them."""
+    from camserve.serving.torchserve.server import instance_processes
 
     workers = []
     for proc in instance_processes(instance.run_dir, instance.pid):
@@ -355,9 +355,9 @@ def checks(f: dict[str, Any]) -> dict[str, bool]:
 
 def start_server(work: Path, export_dir: Path, *, workers: int = 2, name: str = "tiny") -> tuple[Any, Any]:
     """Archive ``export_dir`` and serve it (``workers`` workers, SQLite audit in the run folder)."""
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.config import load_config
-    from camserve.server import start
+    from camserve.serving.torchserve.server import start
 
     store = work / "model_store"
     build_archive(export_dir, name=name, version="1.0", model_store=store, force=True)
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the figures and checks as JSON here")
     args = p.parse_args(argv)
     from camserve.config import AuditConfig
-    from camserve.server import Instance, stop
+    from camserve.serving.torchserve.server import Instance, stop
 
     work = None
     try:

@@ -1,6 +1,6 @@
 """camserve: production CAM explanations for vision models served by TorchServe.
 
-The request path (``camserve.runtime``, ``camserve.cam``, rendering, the handler) uses
+The request path (``camserve.pipeline.runtime``, ``camserve.cam``, rendering, the handler) uses
 ONNX Runtime, numpy and OpenCV only; torch is imported by the offline export step
 (``camserve.export``) alone.
 """

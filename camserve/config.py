@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import CamserveError
+from camserve.errors import CamserveError
 
 ENV_PREFIX = "CAMSERVE_"
 CONFIG_ENV = "CAMSERVE_CONFIG"

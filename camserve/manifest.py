@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ManifestError
+from camserve.errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -16,8 +16,8 @@ from torch import nn
 from camserve.errors import ExportError
 from camserve.manifest import GRAPH_FILE, LayerSpec, Manifest, sha256_file
 
-from . import onnx_export, parity, resolve, trace
-from .layouts import infer_layout
+from camserve.export import onnx_export, parity, resolve, trace
+from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
 

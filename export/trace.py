@@ -27,8 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from camserve.errors import ExportError
-
-from .decompositions import decomposition_table
+from camserve.export.decompositions import decomposition_table
 
 
 def select_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> torch.Tensor:

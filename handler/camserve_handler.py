@@ -15,9 +15,9 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from camserve.audit.service import make_service  # noqa: E402
 from camserve.config import load_config  # noqa: E402
-from camserve.metrics import Recorder  # noqa: E402
-from camserve.runtime import GraphSession, default_providers  # noqa: E402
-from camserve.request import PARAMS_HEADER, Request, header  # noqa: E402
+from camserve.pipeline.metrics import Recorder  # noqa: E402
+from camserve.pipeline.runtime import GraphSession, default_providers  # noqa: E402
+from camserve.pipeline.request import PARAMS_HEADER, Request, header  # noqa: E402
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 

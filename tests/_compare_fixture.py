@@ -29,7 +29,7 @@ def shapes_exports() -> dict[str, Path]:
     """{"normal": export dir, "shortcut": export dir}: the same CNN trained on clean shapes and
     on shortcut images (the corner marker predicts the class, the shape is random)."""
     from _shapes_fixture import trained_shapes
-    from camserve.demo import export_shapes_model, train_shapes_model
+    from camserve.demo.shapes import export_shapes_model, train_shapes_model
 
     base = Path(tempfile.mkdtemp(prefix="camserve-compare-"))
     atexit.register(shutil.rmtree, base, True)
@@ -51,7 +51,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 def marked_images(folder: Path, agree: int = 28, conflict: int = 4, seed: int = 11) -> dict[str, dict[str, Any]]:
     """Write ``agree`` images whose corner marker and shape name the same class and
     ``conflict`` images where they differ; returns {file name: {label, shape, box, marker}}."""
-    from camserve.demo import CLASSES, make_shapes
+    from camserve.demo.shapes import CLASSES, make_shapes
 
     data = make_shapes(8 * (agree + conflict), seed=seed, shortcut=True)
     same = np.flatnonzero(data.shapes == data.labels)[:agree]

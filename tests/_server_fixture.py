@@ -105,8 +105,9 @@ def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
 
 def direct_explanation(export_dir: Path, images: list[np.ndarray], targets: list[Any], methods: list[str]):
     """The CAM module run directly (no server) on the same decoded images."""
-    from camserve import cam, imageio
-    from camserve.runtime import GraphSession
+    from camserve import cam
+    from camserve.pipeline import imageio
+    from camserve.pipeline.runtime import GraphSession
 
     session = GraphSession(export_dir, intra_op_threads=1)
     m = session.manifest
@@ -120,7 +121,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def array_of(entry: dict[str, Any]) -> np.ndarray:
-    from camserve.render import from_float16
+    from camserve.pipeline.render import from_float16
 
     return from_float16(entry["array"])[0]
 

@@ -23,8 +23,8 @@ STEPS = 260
 
 @functools.lru_cache(maxsize=None)
 def trained_shapes() -> tuple[Any, Any]:
-    """(model, ShapesModelInfo) of :func:`camserve.demo.train_shapes_model` (seconds on 2 cores)."""
-    from camserve.demo import train_shapes_model
+    """(model, ShapesModelInfo) of :func:`camserve.demo.shapes.train_shapes_model` (seconds on 2 cores)."""
+    from camserve.demo.shapes import train_shapes_model
 
     return train_shapes_model(seed=SEED, steps=STEPS)
 
@@ -32,7 +32,7 @@ def trained_shapes() -> tuple[Any, Any]:
 @functools.lru_cache(maxsize=None)
 def exported_shapes() -> tuple[Path, Any]:
     """(export directory, Manifest) of the trained model, exported with parity check."""
-    from camserve.demo import export_shapes_model
+    from camserve.demo.shapes import export_shapes_model
 
     model, info = trained_shapes()
     out = Path(tempfile.mkdtemp(prefix="camserve-shapes-"))

@@ -1,6 +1,6 @@
 """Test support for the CAM tests: a PyTorch stand-in for GraphSession, and pytorch-grad-cam.
 
-``TorchSession`` answers the graph contract of :class:`camserve.runtime.GraphSession`
+``TorchSession`` answers the graph contract of :class:`camserve.pipeline.runtime.GraphSession`
 (``run(images, cotangent, target_rank)``, ``logits``, ``head_logits``) with PyTorch autograd,
 so the CAM math and ``explain``'s orchestration are checked against pytorch-grad-cam even
 where no exported graph is at hand; the end-to-end tests swap in a real GraphSession.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from camserve.manifest import LayerSpec, Manifest
-from camserve.runtime import GraphOutputs, GraphSession
+from camserve.pipeline.runtime import GraphOutputs, GraphSession
 
 import pytorch_grad_cam as pgc
 from pytorch_grad_cam.ablation_layer import AblationLayer, AblationLayerVit

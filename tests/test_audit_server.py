@@ -36,8 +36,8 @@ PARAMS = "output=summary&methods=gradcam"
 @pytest.fixture(scope="module", params=SINKS)
 def audited_server(request, tmp_path_factory):
     """A 2-worker TorchServe whose audit log is on the parametrized sink."""
-    from camserve.archive import build_archive
-    from camserve.server import Instance, start, stop
+    from camserve.serving.torchserve.archive import build_archive
+    from camserve.serving.torchserve.server import Instance, start, stop
 
     kind = request.param
     base = tmp_path_factory.mktemp(f"audit-{kind}")
@@ -71,7 +71,7 @@ class _nothing:
 
 
 def _running(pid):
-    from camserve.server import _alive
+    from camserve.serving.torchserve.server import _alive
 
     return _alive(pid)
 
@@ -162,7 +162,7 @@ def test_2000_requests_from_16_clients_give_2000_chained_records(audited_server)
     report = verify(open_sink(config))
     assert report.ok and report.records == before + 2000, report.problems[:3]
     # the workers' audit counters reach TorchServe's metrics endpoint
-    from camserve.metrics import parse_prometheus
+    from camserve.pipeline.metrics import parse_prometheus
 
     def written() -> tuple[int, dict]:
         status, _, text = http_call("GET", f"{instance.metrics_url}/metrics")

@@ -19,9 +19,9 @@ from camserve.audit.sink import Sink, SinkError
 from camserve.audit.writer import AuditLog, AuditUnavailable
 from camserve.cli import main
 from camserve.config import load_config
-from camserve.request import Request
-from camserve.runtime import GraphSession
-from camserve.service import Service
+from camserve.pipeline.request import Request
+from camserve.pipeline.runtime import GraphSession
+from camserve.pipeline.service import Service
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_every_request_recorded_with_heatmaps_and_inputs_once(session, tmp_path,
     assert json.loads(shown)["request_id"] == "r-1"
     overlays = sorted((tmp_path / "show").glob("r-1.0.*.overlay.png"))
     assert len(overlays) == 4
-    from camserve.render import decode_image
+    from camserve.pipeline.render import decode_image
 
     assert decode_image(overlays[0].read_bytes()).shape[:2] == rgb.shape[:2]  # blended on the stored input
     assert main(["audit", "export", *base, "--format", "csv", "--out", str(tmp_path / "a.csv")]) == 0

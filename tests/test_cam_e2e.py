@@ -19,7 +19,7 @@ from camserve.cam import TopK, explain
 from cam_reference import SmallReLU, reference_cams, reinit_zero_linears, vit_reshape
 
 export = pytest.importorskip("camserve.export")
-from camserve.runtime import GraphSession  # noqa: E402
+from camserve.pipeline.runtime import GraphSession  # noqa: E402
 
 TOL = 1e-4
 

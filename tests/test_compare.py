@@ -77,8 +77,9 @@ def run_cli(capsys, *argv):
 
 def direct(export_dir: Path, images: Path, methods: list[str]):
     """Top-1 class and maps per image, straight from GraphSession + cam.explain (one image per call)."""
-    from camserve import cam, imageio
-    from camserve.runtime import GraphSession
+    from camserve import cam
+    from camserve.pipeline import imageio
+    from camserve.pipeline.runtime import GraphSession
 
     session = GraphSession(export_dir, intra_op_threads=1)
     m = session.manifest
@@ -165,7 +166,7 @@ def test_failed_gate_exits_1_and_names_it(tiny, tmp_path, capsys):
 
 
 def _unreachable_url() -> str:
-    from camserve.server import free_port
+    from camserve.serving.torchserve.server import free_port
 
     return f"http://127.0.0.1:{free_port()}/predictions/shapes/1.0"
 

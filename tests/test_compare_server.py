@@ -15,7 +15,7 @@ import pytest
 
 from _compare_fixture import marked_images, open_in_chromium, shapes_exports
 from camserve.cli import main
-from camserve.server import Instance
+from camserve.serving.torchserve.server import Instance
 
 pytestmark = pytest.mark.server
 
@@ -25,7 +25,7 @@ PORTS = ("inference", "management", "metrics", "grpc-inference", "grpc-managemen
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Archive the three versions and serve them; always stopped afterwards."""
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve.archive import build_archive
 
     ex = shapes_exports()
     store = tmp_path_factory.mktemp("compare_store")
@@ -55,8 +55,9 @@ def compare(capsys, *argv):
 
 def direct_top1_and_iou(ex, images):
     """Top-1 of both exports and the gradcam top-region IoU, computed here with ONNX Runtime."""
-    from camserve import cam, imageio
-    from camserve.runtime import GraphSession
+    from camserve import cam
+    from camserve.pipeline import imageio
+    from camserve.pipeline.runtime import GraphSession
     from test_compare import direct_iou
 
     out = {}

@@ -18,7 +18,7 @@ from camserve.cam.degenerate import cancellation_ratio, combine_ratios
 from camserve.cam.layouts import to_nchw
 from camserve.cam.methods import reduce_terms
 from camserve.manifest import LayerSpec, Manifest
-from camserve.runtime import GraphOutputs, GraphSession
+from camserve.pipeline.runtime import GraphOutputs, GraphSession
 
 from _server_fixture import INPUT, tiny_export
 
@@ -276,9 +276,9 @@ def test_served_answer_audit_summary_and_counter_say_degenerate(layernorm_sessio
     import json
 
     from _server_fixture import png_bytes, sample_image
-    from camserve.metrics import DEGENERATE, Recorder
-    from camserve.request import Request
-    from camserve.service import Service
+    from camserve.pipeline.metrics import DEGENERATE, Recorder
+    from camserve.pipeline.request import Request
+    from camserve.pipeline.service import Service
 
     seen: list[tuple[str, float, list[str]]] = []
 

@@ -1,4 +1,4 @@
-"""camserve.demo: the synthetic-shapes generator and the small CNN trained on it."""
+"""camserve.demo.shapes: the synthetic-shapes generator and the small CNN trained on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from camserve import demo
+from camserve.demo import shapes as demo
 from camserve.errors import InputError
 
 from _shapes_fixture import STEPS, trained_shapes

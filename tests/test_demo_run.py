@@ -1,4 +1,4 @@
-"""``python -m camserve.demo_run`` (what ``make demo`` runs), end to end in a subprocess.
+"""``python -m camserve.demo.run`` (what ``make demo`` runs), end to end in a subprocess.
 
 One real run: training, export, archive, a real TorchServe on free loopback ports, HTTP
 requests through the client code, overlays, JSON answers and the contact sheet; then no
@@ -17,19 +17,19 @@ import cv2
 import numpy as np
 import pytest
 
-from camserve import demo_run
-from camserve.server import Instance, _alive, instance_processes
+from camserve.demo import run as demo_run
+from camserve.serving.torchserve.server import Instance, _alive, instance_processes
 
 METHODS = ["gradcam", "gradcam++"]
 SAMPLES = 6
 SAMPLE_SIZE = 128
-#: Label strip above each tile in camserve.demo_sheet.contact_sheet.
+#: Label strip above each tile in camserve.demo.sheet.contact_sheet.
 STRIP = 18
 
 
 def run_demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, "-m", "camserve.demo_run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "camserve.demo.run", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=Path(__file__).resolve().parent.parent)
 
 

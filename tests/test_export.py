@@ -16,7 +16,7 @@ from camserve.export import export_model, load_weights
 from camserve.export.layouts import infer_layout
 from camserve.export.resolve import resolve_layer
 from camserve.manifest import Manifest, sha256_file
-from camserve.runtime import GraphSession
+from camserve.pipeline.runtime import GraphSession
 
 
 def _autograd(model: nn.Module, layer: nn.Module, image: torch.Tensor, cotangent: torch.Tensor):
@@ -225,7 +225,7 @@ def test_cli_export_and_errors(tmp_path):
 def test_factory_spec_and_bad_specs():
     from camserve.export import load_model
 
-    assert isinstance(load_model("camserve.demo:build_model"), nn.Module)
+    assert isinstance(load_model("camserve.demo.shapes:build_model"), nn.Module)
     with pytest.raises(CamserveError, match="'nosuch.module:f'"):
         load_model("nosuch.module:f")
     with pytest.raises(CamserveError, match="not a torch.nn.Module"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from camserve.errors import CamserveError
 from camserve.export import load_model, load_weights
-from camserve.runtime import GraphSession
+from camserve.pipeline.runtime import GraphSession
 
 #: User code for the factory tests, written to a temporary folder put on the path.
 USER_MODULE = textwrap.dedent('''

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from _server_fixture import http, png_bytes, sample_image, tiny_export
-from camserve.load_errors import load_failures
+from camserve.serving.torchserve.load_errors import load_failures
 from camserve.config import PORT_FIELDS
 
 PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
@@ -105,7 +105,7 @@ def workers(instance, model: str) -> list[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def good_archive(tmp_path_factory) -> Path:
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve.archive import build_archive
 
     store = tmp_path_factory.mktemp("good-store")
     return build_archive(tiny_export(tmp_path_factory.getbasetemp()), name="tiny", version="1.0", model_store=store)
@@ -114,7 +114,7 @@ def good_archive(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def broken_neighbours(tmp_path_factory, good_archive):
     """``camserve serve`` over tiny (good), corrupt and nomanifest; always stopped afterwards."""
-    from camserve.server import Instance, stop
+    from camserve.serving.torchserve.server import Instance, stop
 
     store = tmp_path_factory.mktemp("mixed-store")
     (store / "tiny.mar").write_bytes(good_archive.read_bytes())
@@ -182,7 +182,7 @@ def test_good_model_keeps_serving_while_broken_ones_are_retried(broken_neighbour
 
 @pytest.mark.server
 def test_serve_fails_at_once_when_no_model_loads(tmp_path, good_archive):
-    from camserve.server import instance_processes
+    from camserve.serving.torchserve.server import instance_processes
 
     store = tmp_path / "store"
     store.mkdir()
@@ -252,7 +252,7 @@ TIMEOUT_S = 5.0
 def full_disk_server(request, tmp_path_factory, good_archive):
     """(instance, policy, mount point, audit folder): one worker, SQLite audit with heatmaps on a 256 KiB tmpfs."""
     from camserve.config import load_config
-    from camserve.server import start, stop
+    from camserve.serving.torchserve.server import start, stop
 
     policy = request.param
     base = tmp_path_factory.mktemp(f"disk-{policy}")
@@ -294,7 +294,7 @@ def stored(audit: Path) -> tuple[list[str], int]:
 
 
 def counter(instance, name: str) -> float:
-    from camserve.metrics import parse_prometheus
+    from camserve.pipeline.metrics import parse_prometheus
 
     status, _, text = http("GET", f"{instance.metrics_url}/metrics")
     assert status == 200

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from _server_fixture import png_bytes, sample_image, tiny_export
 from camserve.config import Limits
-from camserve.request import Request
-from camserve.runtime import GraphSession
-from camserve.service import Service
+from camserve.pipeline.request import Request
+from camserve.pipeline.runtime import GraphSession
+from camserve.pipeline.service import Service
 
 FORMATS = (".png", ".jpg", ".webp", ".bmp")
 PARAM_WORDS = ["methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "x", ""]
@@ -159,7 +159,7 @@ def test_memory_stays_bounded_over_many_bad_requests(service):
 
 def test_limits_are_enforced_before_any_decoding(service, monkeypatch):
     """Body size, images per request, targets and methods are refused before a pixel is decoded."""
-    import camserve.imageio as imageio
+    import camserve.pipeline.imageio as imageio
 
     strict = Service(service.session, Limits(max_body_bytes=8000, max_images_per_request=2, max_targets=2, max_methods=1,
                                              max_pixels=4_000_000))

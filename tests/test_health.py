@@ -16,9 +16,9 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def short_keys(tmp_path_factory):
     """A tiny model served with keys that expire after 6 s (TorchServe takes fractions of minutes)."""
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.config import load_config
-    from camserve.server import start, stop
+    from camserve.serving.torchserve.server import start, stop
 
     store = tmp_path_factory.mktemp("store")
     build_archive(tiny_export(tmp_path_factory.getbasetemp()), name="tiny", version="1.0", model_store=store)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from camserve.errors import InputError
-from camserve.imageio import (
+from camserve.pipeline.imageio import (
     ImageTooLarge,
     NotAnImage,
     apply_orientation,
@@ -181,7 +181,7 @@ def test_preprocess_matches_manual_formula():
 
 
 def test_gray_alpha_and_unused_alpha_channels():
-    from camserve.imageio import to_rgb8
+    from camserve.pipeline.imageio import to_rgb8
 
     ga = np.dstack([RGB[:, :, 0], np.full((30, 50), 255, np.uint8)])
     np.testing.assert_array_equal(to_rgb8(ga), np.repeat(RGB[:, :, :1], 3, axis=2))  # opaque: the gray

@@ -33,8 +33,9 @@ PARAMS = {"methods": "gradcam,layercam", "target": "topk", "topk": 2, "output": 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """(KServe state, TorchServe instance): the tiny model on both, always stopped afterwards."""
-    from camserve import kserve_cli, server
-    from camserve.archive import build_archive
+    from camserve.cli import kserve as kserve_cli
+    from camserve.serving.torchserve import server
+    from camserve.serving.torchserve.archive import build_archive
     from camserve.config import load_config
 
     export = tiny_export(tmp_path_factory.getbasetemp())
@@ -88,7 +89,7 @@ def test_v2_tritonclient_answers_equal_torchserve(servers):
         assert cams.dtype == np.float32 and cams.shape == (2, 2, 32, 32)
         for i, image in enumerate(reference["images"]):
             entries = [e for e in image["explanations"] if e["method"] == method]
-            from camserve.render import from_float16
+            from camserve.pipeline.render import from_float16
 
             ts = np.stack([from_float16(e["array"])[0] for e in entries])
             np.testing.assert_allclose(cams[i], ts, atol=1e-3)  # TorchServe's array is float16
@@ -188,7 +189,7 @@ def test_bad_input_is_a_4xx_json_refusal_audited_and_the_server_stays_up(servers
 def test_metrics_carry_the_dashboards_names_on_both_servers(servers):
     import time
 
-    from camserve.metrics import parse_prometheus
+    from camserve.pipeline.metrics import parse_prometheus
 
     state, instance = servers
     shown = json.loads((ROOT / "grafana" / "camserve-dashboard.json").read_text())

@@ -104,7 +104,7 @@ def test_container_is_valid_for_kubernetes(written):
 @pytest.mark.server
 def test_the_containers_command_serves_the_model(written, tmp_path):
     """The manifest's command (export path, host, port and run folder swapped for the test's) in the foreground."""
-    from camserve.server import free_port
+    from camserve.serving.torchserve.server import free_port
 
     export, _, isvc = written
     (container,) = isvc["spec"]["predictor"]["containers"]

@@ -28,7 +28,7 @@ REQUESTS, CLIENTS, KILL_AT = 1000, 16, 300
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """(dsn, [(run_dir, state)] x 2): the tiny model on two KServe servers sharing one audit DSN."""
-    from camserve import kserve_cli
+    from camserve.cli import kserve as kserve_cli
 
     base = tmp_path_factory.mktemp("replicas")
     export = tiny_export(tmp_path_factory.getbasetemp())
@@ -54,7 +54,7 @@ def v2_request(i: int) -> bytes:
 def test_two_replicas_one_chain_through_a_sigkill(replicas):
     import psutil
 
-    from camserve import kserve_cli
+    from camserve.cli import kserve as kserve_cli
     from camserve.audit import open_sink, verify
     from camserve.config import AuditConfig
 

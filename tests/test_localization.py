@@ -1,9 +1,9 @@
 """Issue 3's localization proof: CAMs of a trained shapes CNN point at the shape.
 
-The small CNN from :mod:`camserve.demo` is trained in the test session (seconds), exported
+The small CNN from :mod:`camserve.demo.shapes` is trained in the test session (seconds), exported
 with ``camserve.export``, and explained through ONNX Runtime (``GraphSession``) with
 ``camserve.cam.explain``. On 100 held-out images the GradCAM and GradCAM++ peak (the
-argmax of the map at input resolution, via ``camserve.render.summarize``) must fall inside
+argmax of the map at input resolution, via ``camserve.pipeline.render.summarize``) must fall inside
 the shape's bounding box at least 90 % of the time.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from camserve import demo, render
+from camserve.demo import shapes as demo
+from camserve.pipeline import render
 
 from _shapes_fixture import exported_shapes, trained_shapes
 
@@ -23,7 +24,7 @@ HELDOUT_SEED = 2026  # != the training seed (0) and the accuracy hold-out (1_000
 @pytest.fixture(scope="module")
 def explained():
     from camserve.cam import TopK, explain
-    from camserve.runtime import GraphSession
+    from camserve.pipeline.runtime import GraphSession
 
     model, info = trained_shapes()
     directory, manifest = exported_shapes()

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from camserve.metrics import LATENCY_BUCKETS, METRICS, Recorder, dashboard, declarations, label, metrics_config, size_buckets
+from camserve.pipeline.metrics import LATENCY_BUCKETS, METRICS, Recorder, dashboard, declarations, label, metrics_config, size_buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {name for name, *_ in METRICS}

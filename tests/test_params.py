@@ -8,7 +8,7 @@ import pytest
 
 from camserve.config import Config, ConfigError, Limits, load_config, to_env
 from camserve.errors import InputError
-from camserve.params import RequestParams, Target, merge_sources, parse_params
+from camserve.pipeline.params import RequestParams, Target, merge_sources, parse_params
 
 METHODS = ("gradcam", "gradcam++", "layercam", "eigencam")
 

@@ -1,4 +1,4 @@
-"""camserve.render: summaries against hand-computed numbers, encoder round trips, errors."""
+"""camserve.pipeline.render: summaries against hand-computed numbers, encoder round trips, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from camserve import render
-from camserve.demo_sheet import contact_sheet, contact_sheet_png
+from camserve.pipeline import render
+from camserve.demo.sheet import contact_sheet, contact_sheet_png
 from camserve.errors import InputError
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from camserve.config import Config
-from camserve.java import JavaError, find_java
-from camserve.server import properties
+from camserve.serving.torchserve.java import JavaError, find_java
+from camserve.serving.torchserve.server import properties
 from camserve.config import PORT_FIELDS
 
 PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
@@ -44,7 +44,7 @@ def test_properties_open_inference_only_when_asked(tmp_path):
 def test_taken_port_is_refused_before_starting(tmp_path):
     import socket
 
-    from camserve.server import ServerError, start
+    from camserve.serving.torchserve.server import ServerError, start
 
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "x.mar").write_bytes(b"")  # never read: the port check comes first
@@ -61,7 +61,7 @@ def test_taken_port_is_refused_before_starting(tmp_path):
 def test_client_finds_url_and_token_in_the_run_folder(tmp_path):
     import argparse
 
-    from camserve.client import ClientError, server_url, token_from
+    from camserve.serving.client import ClientError, server_url, token_from
 
     assert server_url(str(tmp_path)) == "http://127.0.0.1:8080"
     (tmp_path / "state.json").write_text(json.dumps({"inference_url": "http://127.0.0.1:1234"}))

@@ -29,10 +29,10 @@ from _server_fixture import (
     tiny_export,
 )
 from camserve import cam
-from camserve.imageio import decode
-from camserve.metrics import parse_prometheus
+from camserve.pipeline.imageio import decode
+from camserve.pipeline.metrics import parse_prometheus
 from camserve.cli import main
-from camserve.server import Instance, _alive
+from camserve.serving.torchserve.server import Instance, _alive
 from camserve.config import PORT_FIELDS
 
 pytestmark = pytest.mark.server
@@ -43,7 +43,7 @@ PORTS = PORT_FIELDS  # every port camserve serve opens, all free ones in tests
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Archive v1.0 and v2.0 (different weights) and serve both; always stopped afterwards."""
-    from camserve.archive import build_archive
+    from camserve.serving.torchserve.archive import build_archive
 
     base = tmp_path_factory.getbasetemp()
     exports = {"1.0": tiny_export(base, "1.0", seed=0), "2.0": tiny_export(base, "2.0", seed=1)}
@@ -252,7 +252,7 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
         assert total(after, name, **v) - total(before, name, **v) == 3, name
     assert total(after, "camserve_request_latency_seconds_count", **v) - total(before, "camserve_request_latency_seconds_count", **v) == 4
     # camserve's buckets (1 ms .. 60 s; batch sizes 1 .. max_batch_size), not TorchServe's defaults
-    from camserve.metrics import LATENCY_BUCKETS, size_buckets
+    from camserve.pipeline.metrics import LATENCY_BUCKETS, size_buckets
     from prometheus_client.utils import floatToGoString
 
     def les(name):
@@ -300,7 +300,7 @@ def test_client_writes_overlays_and_json(served, tmp_path, capsys):
 
 
 def test_archive_refuses_bad_exports_and_overwrites(served, tmp_path):
-    from camserve.archive import ArchiveError, build_archive
+    from camserve.serving.torchserve.archive import ArchiveError, build_archive
 
     _instance, exports = served
     with pytest.raises(ArchiveError, match="does not exist"):
@@ -412,8 +412,8 @@ def test_health_check_reports_a_server_that_is_gone(tmp_path):
     import threading
     from http.server import ThreadingHTTPServer
 
-    from camserve.health import Checks, make_handler
-    from camserve.server import Instance, free_port
+    from camserve.serving.torchserve.health import Checks, make_handler
+    from camserve.serving.torchserve.server import Instance, free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     Instance(run_dir=tmp_path, inference_url=dead, management_url=dead, metrics_url=dead, models={"m": ["1.0"]}).save()

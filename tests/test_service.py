@@ -10,10 +10,10 @@ import pytest
 from _server_fixture import LABELS, array_of, direct_explanation, png_bytes, sample_image, softmax, tiny_export
 from camserve import cam
 from camserve.config import Limits
-from camserve.imageio import decode
-from camserve.runtime import GraphSession
-from camserve.request import Request, header_source, split_fields
-from camserve.service import Service
+from camserve.pipeline.imageio import decode
+from camserve.pipeline.runtime import GraphSession
+from camserve.pipeline.request import Request, header_source, split_fields
+from camserve.pipeline.service import Service
 
 
 class Counting:
@@ -201,7 +201,7 @@ def test_smoothing_flags_reach_the_cam_module(export_dir, session):
     rgb = sample_image(19)
     status, body = answers(service, [Request({"body": png_bytes(rgb)}, "s", True, "aug_smooth=true&eigen_smooth=true&output=array&methods=gradcam")])[0]
     assert status == 200
-    from camserve import imageio
+    from camserve.pipeline import imageio
 
     m = session.manifest
     batch = imageio.preprocess([rgb], m.input_size, m.mean, m.std, m.channel_order)

@@ -27,7 +27,7 @@ CONCURRENCY = 32
 @pytest.fixture(scope="module")
 def soaked(tmp_path_factory):
     """(instance, audit config, figures) of one soak run; the server is always stopped."""
-    from camserve.server import _alive, stop
+    from camserve.serving.torchserve.server import _alive, stop
 
     work = tmp_path_factory.mktemp("soak")
     try:
@@ -84,7 +84,7 @@ def test_every_answer_is_audited(soaked, capsys):
     assert rec["verify_ok"]
     assert main(["audit", "verify", "--run-dir", str(instance.run_dir)]) == 0  # the real CLI on the server's log
     assert "FAILED" not in capsys.readouterr().out
-    from camserve.metrics import parse_prometheus
+    from camserve.pipeline.metrics import parse_prometheus
 
     status, _, text = http("GET", f"{instance.metrics_url}/metrics")
     samples = parse_prometheus(text.decode())

@@ -117,7 +117,7 @@ def clean_env(venv: Venv) -> dict[str, str]:
 
 def imported_files(python: Path | str, env: dict[str, str], cwd: Path) -> dict[str, str]:
     """Where ``python`` (in ``env`` and ``cwd``) imports camserve and the archived handler from."""
-    code = ("import json, camserve; from camserve.archive import handler_file; "
+    code = ("import json, camserve; from camserve.serving.torchserve.archive import handler_file; "
             "print(json.dumps({'camserve': camserve.__file__, 'handler': str(handler_file())}))")
     return json.loads(run([python, "-c", code], cwd=cwd, env=env))
 
@@ -192,7 +192,7 @@ def stop_server(venv: Venv, run_dir: Path, work: Path, env: dict[str, str]) -> s
         return run([venv.bin / "camserve", "stop", "--run-dir", run_dir], cwd=work, env=env)
     finally:
         if (run_dir / "state.json").exists() or (run_dir / "tmp" / ".model_server.pid").exists():
-            from camserve.server import stop
+            from camserve.serving.torchserve.server import stop
 
             stop(run_dir)
 

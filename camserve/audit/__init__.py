@@ -8,9 +8,9 @@
 * :mod:`.verify` -- chain verification; :mod:`.cli` -- ``camserve audit list|show|export|verify``.
 """
 
-from .records import Filter, Stored
-from .sink import Sink, SinkError, open_sink
-from .verify import Report, verify
-from .writer import AuditLog, AuditUnavailable
+from camserve.audit.records import Filter, Stored
+from camserve.audit.sink import Sink, SinkError, open_sink
+from camserve.audit.verify import Report, verify
+from camserve.audit.writer import AuditLog, AuditUnavailable
 
 __all__ = ["AuditLog", "AuditUnavailable", "Filter", "Report", "Sink", "SinkError", "Stored", "open_sink", "verify"]

@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from .records import Filter, Stored, parse_time
-from .sink import Sink, open_sink
-from .verify import verify
+from camserve.errors import InputError
+from camserve.audit.records import Filter, Stored, parse_time
+from camserve.audit.sink import Sink, open_sink
+from camserve.audit.verify import verify
 
 
 def _sink(args: argparse.Namespace) -> Sink:
-    from ..config import load_config
+    from camserve.config import load_config
 
     config = load_config(args.config, overrides={"audit": {"sink": args.sink, "path": args.path, "dsn": args.dsn}})
     return open_sink(config.audit, base=args.run_dir)
@@ -79,7 +79,8 @@ def write_overlays(sink: Sink, rec: dict[str, Any], out_dir: Path) -> list[Path]
     """Each stored heatmap as an overlay on its stored input (or alone, when the input is not stored)."""
     import numpy as np
 
-    from .. import imageio, render
+    from camserve.pipeline import imageio
+    from camserve.pipeline import render
 
     written = []
     for i, img in enumerate(rec.get("images") or []):

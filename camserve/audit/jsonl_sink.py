@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import GENESIS, Filter, Stored, chain, columns, limited
-from .sink import Blob, Sink, SinkError, owner_only_dir, touch_private
+from camserve.audit.records import GENESIS, Filter, Stored, chain, columns, limited
+from camserve.audit.sink import Blob, Sink, SinkError, owner_only_dir, touch_private
 
 ACTIVE = "audit.jsonl"
 ROTATED = re.compile(r"^audit\.(\d{12})\.jsonl$")

@@ -13,14 +13,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from ..metrics import KIND, MODEL, VERSION, label
+from camserve.pipeline.metrics import KIND, MODEL, VERSION, label
 
 WRITTEN = "camserve_audit_records_total"
 QUEUE_FULL = "camserve_audit_queue_full_total"
 SINK_FAILURES = "camserve_audit_sink_failures_total"
 LOST = "camserve_audit_records_lost_total"
 
-#: (name, type, unit, dimensions, help), as in :data:`camserve.metrics.METRICS`.
+#: (name, type, unit, dimensions, help), as in :data:`camserve.pipeline.metrics.METRICS`.
 AUDIT_METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
     (WRITTEN, "counter", "count", (MODEL, VERSION), "Audit records committed to the sink"),
     (QUEUE_FULL, "counter", "count", (MODEL, VERSION), "Requests that found the audit queue full"),
@@ -31,16 +31,16 @@ AUDIT_METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
 
 def declare(config: dict[str, Any]) -> dict[str, Any]:
     """Add the audit counters to a TorchServe metrics YAML dict (``metrics.metrics_config()``)."""
-    from ..metrics import declare as declare_metrics
+    from camserve.pipeline.metrics import declare as declare_metrics
 
     return declare_metrics(config, AUDIT_METRICS)
 
 
 def write_metrics_config(path: str | Path) -> Path:
-    """:func:`camserve.metrics.write_metrics_config` with the audit counters declared too."""
+    """:func:`camserve.pipeline.metrics.write_metrics_config` with the audit counters declared too."""
     import yaml
 
-    from ..metrics import metrics_config
+    from camserve.pipeline.metrics import metrics_config
 
     path = Path(path)
     path.write_text(yaml.safe_dump(declare(metrics_config()), sort_keys=False))

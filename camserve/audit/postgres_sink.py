@@ -14,8 +14,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator
 
-from .records import COLUMNS, GENESIS, Filter, Stored, table_rows
-from .sink import Blob, Sink, SinkError
+from camserve.audit.records import COLUMNS, GENESIS, Filter, Stored, table_rows
+from camserve.audit.sink import Blob, Sink, SinkError
 
 #: Advisory lock key (any constant shared by every camserve writer): "camserve" in ASCII.
 LOCK_KEY = 0x63616D7365727665 & 0x7FFFFFFFFFFFFFFF

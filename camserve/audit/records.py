@@ -45,7 +45,7 @@ def parse_time(text: str) -> str:
     try:
         value = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        from ..errors import InputError
+        from camserve.errors import InputError
 
         raise InputError(f"time {text!r} is not an ISO date or date-time (e.g. 2026-11-26T04:50:00)") from None
     if value.tzinfo is None:

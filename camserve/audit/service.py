@@ -1,6 +1,6 @@
 """The service with its audit log attached: every request recorded before its answer leaves.
 
-:class:`AuditedService` is :class:`camserve.service.Service` whose per-request hook puts
+:class:`AuditedService` is :class:`camserve.pipeline.service.Service` whose per-request hook puts
 the record aside; ``handle`` queues the batch's records as one unit on the worker's
 :class:`~.writer.AuditLog` (one sink transaction) and waits for them before returning the
 answers; a request whose record could not be
@@ -16,11 +16,11 @@ import logging
 import os
 from typing import Any
 
-from ..request import Request, Response
-from ..service import Service, _Item
-from .metrics import AuditMetrics
-from .sink import open_sink
-from .writer import AuditLog, AuditUnavailable, Ticket
+from camserve.pipeline.request import Request, Response
+from camserve.pipeline.service import Service, _Item
+from camserve.audit.metrics import AuditMetrics
+from camserve.audit.sink import open_sink
+from camserve.audit.writer import AuditLog, AuditUnavailable, Ticket
 
 log = logging.getLogger("camserve.audit")
 

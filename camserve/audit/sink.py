@@ -15,8 +15,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import CamserveError
-from .records import Filter, Stored
+from camserve.errors import CamserveError
+from camserve.audit.records import Filter, Stored
 
 
 class SinkError(CamserveError):
@@ -82,15 +82,15 @@ def open_sink(audit: Any, base: str | Path | None = None) -> Sink:
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     if audit.sink == "sqlite":
-        from .sqlite_sink import SQLiteSink
+        from camserve.audit.sqlite_sink import SQLiteSink
 
         return SQLiteSink(path, fsync=audit.fsync)
     if audit.sink == "jsonl":
-        from .jsonl_sink import JSONLSink
+        from camserve.audit.jsonl_sink import JSONLSink
 
         return JSONLSink(path, rotate_bytes=audit.rotate_bytes, fsync=audit.fsync)
     if audit.sink == "postgres":
-        from .postgres_sink import PostgresSink
+        from camserve.audit.postgres_sink import PostgresSink
 
         return PostgresSink(audit.dsn)
     raise SinkError(f"unknown audit sink {audit.sink!r}")

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .records import COLUMNS, GENESIS, Filter, Stored, table_rows
-from .sink import Blob, Sink, SinkError, owner_only_dir, touch_private
+from camserve.audit.records import COLUMNS, GENESIS, Filter, Stored, table_rows
+from camserve.audit.sink import Blob, Sink, SinkError, owner_only_dir, touch_private
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (

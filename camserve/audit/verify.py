@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .records import GENESIS, Stored, columns, sha256_text
-from .sink import Sink
+from camserve.audit.records import GENESIS, Stored, columns, sha256_text
+from camserve.audit.sink import Sink
 
 
 @dataclass

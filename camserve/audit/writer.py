@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import CamserveError
-from .metrics import AuditMetrics
-from .records import prepare
-from .sink import Blob, Sink
+from camserve.errors import CamserveError
+from camserve.audit.metrics import AuditMetrics
+from camserve.audit.records import prepare
+from camserve.audit.sink import Blob, Sink
 
 log = logging.getLogger("camserve.audit")
 
@@ -250,7 +250,7 @@ def heatmap_refs(images: list[dict[str, Any]], cams: list[dict[str, Any]], blobs
     """
     import base64
 
-    from .. import render
+    from camserve.pipeline import render
 
     out = []
     for i, (img, maps) in enumerate(zip(images, cams)):

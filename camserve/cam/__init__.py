@@ -16,10 +16,10 @@ Pure per-layer functions live in :mod:`camserve.cam.methods`, layout handling in
 :mod:`camserve.cam.layouts`, scaling/resizing in :mod:`camserve.cam.scaling`.
 """
 
-from .degenerate import DEGENERATE_RATIO, degenerate_reason
-from .explain import Explanation, explain
-from .registry import REGISTRY, MethodSpec, available_methods, get_method
-from .targets import TopK
+from camserve.cam.degenerate import DEGENERATE_RATIO, degenerate_reason
+from camserve.cam.explain import Explanation, explain
+from camserve.cam.registry import REGISTRY, MethodSpec, available_methods, get_method
+from camserve.cam.targets import TopK
 
 __all__ = [
     "DEGENERATE_RATIO",

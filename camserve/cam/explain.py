@@ -21,16 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..runtime import GraphOutputs
-from .augment import AUGMENTATIONS, augment, deaugment_mean
-from .degenerate import combine_ratios, not_applicable
-from .layouts import to_nchw
-from .methods import reduce_terms
-from .registry import MethodSpec, get_method
-from .runs import ablation_weights, scorecam_weights
-from .scaling import combine_layers
-from .targets import Rows, Target, expand_targets, finer_cotangent
+from camserve.errors import InputError
+from camserve.pipeline.runtime import GraphOutputs
+from camserve.cam.augment import AUGMENTATIONS, augment, deaugment_mean
+from camserve.cam.degenerate import combine_ratios, not_applicable
+from camserve.cam.layouts import to_nchw
+from camserve.cam.methods import reduce_terms
+from camserve.cam.registry import MethodSpec, get_method
+from camserve.cam.runs import ablation_weights, scorecam_weights
+from camserve.cam.scaling import combine_layers
+from camserve.cam.targets import Rows, Target, expand_targets, finer_cotangent
 
 
 @dataclass
@@ -109,7 +109,7 @@ def explain(
 ) -> Explanation:
     """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
 
-    ``session`` is a :class:`camserve.runtime.GraphSession` (or anything with its ``manifest``,
+    ``session`` is a :class:`camserve.pipeline.runtime.GraphSession` (or anything with its ``manifest``,
     ``run``, ``logits``, ``head_logits`` and ``check_images``). ``targets[i]`` is a list of
     class indices or :class:`TopK`. Raises InputError naming a bad method, target or shape.
     """

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
-from ..manifest import LayerSpec
+from camserve.errors import InputError
+from camserve.manifest import LayerSpec
 
 
 def to_nchw(array: np.ndarray, spec: LayerSpec) -> np.ndarray:

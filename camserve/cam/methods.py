@@ -35,8 +35,8 @@ from typing import Literal
 
 import numpy as np
 
-from .degenerate import cancellation_ratio, not_applicable
-from .projection import first_component, kernel_first_component
+from camserve.cam.degenerate import cancellation_ratio, not_applicable
+from camserve.cam.projection import first_component, kernel_first_component
 
 #: How a method's raw map is formed from its terms: ``sum_c w_c A_c`` ("weights"),
 #: ``sum_c E_c`` ("elements"), or a projection with no channel terms ("projection").

@@ -25,8 +25,8 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from ..errors import InputError
-from . import methods as m
+from camserve.errors import InputError
+from camserve.cam import methods as m
 
 Source = Literal["gradients", "activations", "finer", "score", "ablation"]
 RawCam = Callable[..., np.ndarray]

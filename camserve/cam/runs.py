@@ -25,9 +25,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..manifest import LayerSpec
-from .layouts import channel_axis
-from .scaling import resize_maps
+from camserve.manifest import LayerSpec
+from camserve.cam.layouts import channel_axis
+from camserve.cam.scaling import resize_maps
 
 #: Masked images per graph run for ScoreCAM (pytorch-grad-cam's default is 16; the
 #: result does not depend on it beyond float rounding).

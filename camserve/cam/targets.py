@@ -14,7 +14,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError
+from camserve.errors import InputError
 
 
 @dataclass(frozen=True)

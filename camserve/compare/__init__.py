@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import analyse, apply_gates, wilson
-from .data import Answer, CompareError, Pair
-from .similarity import pearson, peak_distance, spearman, top_iou
+from camserve.compare.analysis import analyse, apply_gates, wilson
+from camserve.compare.data import Answer, CompareError, Pair
+from camserve.compare.similarity import pearson, peak_distance, spearman, top_iou
 
 __all__ = ["Answer", "CompareError", "Pair", "analyse", "apply_gates", "compare_exports", "pearson",
            "peak_distance", "spearman", "top_iou", "wilson"]
@@ -20,7 +20,7 @@ __all__ = ["Answer", "CompareError", "Pair", "analyse", "apply_gates", "compare_
 def compare_exports(dir_a: str, dir_b: str, images_dir: str, methods: list[str] | tuple[str, ...] = ("gradcam",),
                     **gates: Any) -> dict[str, Any]:
     """The summary of comparing two export folders over an image folder (no report written)."""
-    from .runner import collect_export
+    from camserve.compare.runner import collect_export
 
     pairs, model_a, model_b = collect_export(dir_a, dir_b, images_dir, list(methods))
     summary = {"mode": "export", "a": model_a, "b": model_b, **analyse(pairs, list(methods))}

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import Pair
-from .similarity import TOP_SHARE, similarity
+from camserve.compare.data import Pair
+from camserve.compare.similarity import TOP_SHARE, similarity
 
 SCHEMA = "camserve-compare/1"
 METRICS = ("pearson", "spearman", "iou", "peak_px", "peak_norm")

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from .analysis import analyse, apply_gates
-from .similarity import TOP_SHARE
+from camserve.errors import InputError
+from camserve.compare.analysis import analyse, apply_gates
+from camserve.compare.similarity import TOP_SHARE
 
 OUTPUTS = ("report.html", "summary.json")
 
@@ -44,8 +44,8 @@ def _rate(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .report import render_html
-    from .runner import collect
+    from camserve.compare.report import render_html
+    from camserve.compare.runner import collect
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def args_methods(args: argparse.Namespace) -> list[str]:
-    from .runner import methods_of
+    from camserve.compare.runner import methods_of
 
     return methods_of(args.methods)
 

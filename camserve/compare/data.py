@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CamserveError, InputError
+from camserve.errors import CamserveError, InputError
 
 #: Image files the folder sources read (case-insensitive suffixes).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,7 +68,7 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def read_images(folder: str | Path, max_pixels: int = 40_000_000) -> list[tuple[Path, bytes, np.ndarray]]:
     """(path, bytes, decoded RGB) of every image in ``folder``; InputError naming an unreadable one."""
-    from .. import imageio
+    from camserve.pipeline import imageio
 
     out = []
     for path in image_files(folder):

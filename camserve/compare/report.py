@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import METRICS
-from .data import Pair
+from camserve.compare.analysis import METRICS
+from camserve.compare.data import Pair
 
 LABELS = {"pearson": "Pearson r", "spearman": "Spearman rho", "iou": "IoU of top regions",
           "peak_px": "peak distance (px)", "peak_norm": "peak distance / diagonal"}
@@ -79,7 +79,7 @@ def plots(summary: dict[str, Any]) -> list[tuple[str, str]]:
 def _overlay_uri(image: np.ndarray | None, cam: np.ndarray | None) -> str | None:
     import cv2
 
-    from .. import render
+    from camserve.pipeline import render
 
     if cam is None:
         return None

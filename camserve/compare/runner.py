@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InputError
-from .data import Pair, read_images
-from .sources import ExportSide, HTTPSide, audit_answers, open_audit
+from camserve.errors import InputError
+from camserve.compare.data import Pair, read_images
+from camserve.compare.sources import ExportSide, HTTPSide, audit_answers, open_audit
 
 
 def collect_http(url_a: str, url_b: str, images_dir: str, methods: list[str], token_a: str | None,
@@ -34,8 +34,8 @@ def collect_export(dir_a: str, dir_b: str, images_dir: str, methods: list[str], 
 
 
 def collect_audit(path: str, ref_a: str, ref_b: str, methods: list[str], topk: int = 5) -> tuple[list[Pair], dict, dict]:
-    from .. import imageio
-    from .data import CompareError
+    from camserve.pipeline import imageio
+    from camserve.compare.data import CompareError
 
     sink = open_audit(path)
     try:
@@ -84,7 +84,7 @@ def collect(args: Any) -> tuple[str, list[Pair], dict, dict]:
         return ("audit", *collect_audit(args.audit, args.a, args.b, methods, args.topk))
     if not args.images:
         raise InputError("comparing two served models needs --images DIR")
-    from ..client import token_from
+    from camserve.serving.client import token_from
 
     token = token_from(args)
     return ("http", *collect_http(args.a, args.b, args.images, methods, token, token, args.timeout, args.topk))

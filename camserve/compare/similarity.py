@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from camserve.errors import InputError
 
 TOP_SHARE = 0.2
 
@@ -110,7 +110,7 @@ def match_sizes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape[1:] == b.shape[1:]:
         return a, b
-    from ..render import resize_maps
+    from camserve.pipeline.render import resize_maps
 
     a, b = a.astype(np.float32), b.astype(np.float32)
 

@@ -7,7 +7,7 @@
   top-1 class's maps as float16 arrays (``target=top1&output=array``); latency is the
   client's wall clock per request, so it includes the network and the server's queueing.
 * :func:`export_answers` runs :func:`camserve.cam.explain` over a
-  :class:`~camserve.runtime.GraphSession`, one image per call (latency = that call).
+  :class:`~camserve.pipeline.runtime.GraphSession`, one image per call (latency = that call).
 * :func:`audit_answers` reads answered records of one ``NAME/VERSION`` keyed by input
   SHA-256; maps come from stored heatmaps (``store_heatmaps``), images from stored inputs.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CamserveError, InputError
-from .data import Answer, CompareError, top_predictions
+from camserve.errors import CamserveError, InputError
+from camserve.compare.data import Answer, CompareError, top_predictions
 
 ROUTES = ("predictions", "explanations")
 
@@ -53,7 +53,7 @@ class HTTPSide:
     """One served model version, asked one image at a time."""
 
     def __init__(self, url: str, token: str | None, methods: list[str], timeout: float = 120.0, topk: int = 5) -> None:
-        from ..client import explain_url
+        from camserve.serving.client import explain_url
 
         self.url = url
         base, self.name, self.version = parse_model_url(url)
@@ -62,8 +62,8 @@ class HTTPSide:
         self.model: dict[str, Any] = {"name": self.name, "version": self.version, "url": url}
 
     def answer(self, name: str, data: bytes) -> Answer:
-        from ..client import post_image
-        from ..render import from_float16
+        from camserve.serving.client import post_image
+        from camserve.pipeline.render import from_float16
 
         ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
         params = {"methods": ",".join(self.methods), "target": "top1", "output": "array"}
@@ -94,7 +94,7 @@ class ExportSide:
     """One export directory, run in process (no server)."""
 
     def __init__(self, directory: str | Path, methods: list[str], threads: int = 1, topk: int = 5) -> None:
-        from ..runtime import GraphSession
+        from camserve.pipeline.runtime import GraphSession
 
         if not Path(directory).is_dir():
             raise InputError(f"export folder {directory} does not exist")
@@ -105,7 +105,8 @@ class ExportSide:
                       "export_dir": str(directory)}
 
     def answer(self, rgb: np.ndarray) -> Answer:
-        from .. import cam, imageio
+        from camserve import cam
+        from camserve.pipeline import imageio
 
         m = self.session.manifest
         start = time.perf_counter()
@@ -119,22 +120,22 @@ class ExportSide:
 def open_audit(path: str) -> Any:
     """A sink for ``--audit``: a PostgreSQL DSN, a SQLite file, or a log folder (SQLite or JSON Lines)."""
     if path.startswith(("postgresql://", "postgres://")):
-        from ..audit.postgres_sink import PostgresSink
+        from camserve.audit.postgres_sink import PostgresSink
 
         return PostgresSink(path)
     p = Path(path)
     if p.is_file():
-        from ..audit.sqlite_sink import SQLiteSink
+        from camserve.audit.sqlite_sink import SQLiteSink
 
         sink = SQLiteSink(p.parent)
         sink.file = p  # any file name: the sink opens self.file
         return sink
     if p.is_dir() and (p / "audit.sqlite").is_file():
-        from ..audit.sqlite_sink import SQLiteSink
+        from camserve.audit.sqlite_sink import SQLiteSink
 
         return SQLiteSink(p)
     if p.is_dir() and any(p.glob("audit*.jsonl")):
-        from ..audit.jsonl_sink import JSONLSink
+        from camserve.audit.jsonl_sink import JSONLSink
 
         return JSONLSink(p)
     raise InputError(f"audit log {path} does not exist (a SQLite file, an audit folder or a PostgreSQL DSN)")
@@ -146,8 +147,8 @@ def audit_answers(sink: Any, ref: str, methods: list[str], topk: int = 5) -> tup
     The latest answered record wins when an input was sent several times. A record's
     latency is its ``timings_ms`` total, shared by the images of a multi-image request.
     """
-    from ..audit.records import Filter
-    from ..render import decode_image
+    from camserve.audit.records import Filter
+    from camserve.pipeline.render import decode_image
 
     name, version = parse_model_ref(ref)
     answers: dict[str, Answer] = {}

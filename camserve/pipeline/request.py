@@ -3,7 +3,7 @@
 TorchServe gives the handler one dict per request: the raw body under ``body`` (or
 ``data``), multipart parts under their field names, query values (on the routes that forward
 them) under theirs. This module tells images from parameters and reads the parameter
-header; :mod:`camserve.service` does the work.
+header; :mod:`camserve.pipeline.service` does the work.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from . import imageio
-from .errors import InputError
-from .params import JSON_FIELDS, MAX_PARAMS_BYTES, PARAM_NAMES, BadParameter, UnknownParameter, json_object
+from camserve.pipeline import imageio
+from camserve.errors import InputError
+from camserve.pipeline.params import JSON_FIELDS, MAX_PARAMS_BYTES, PARAM_NAMES, BadParameter, UnknownParameter, json_object
 
 #: Request header carrying parameters (``methods=gradcam&target=topk`` or a JSON object):
 #: TorchServe 0.12 forwards the query string only on its legacy routes

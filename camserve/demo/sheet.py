@@ -1,6 +1,6 @@
 """Contact sheet for the demo: a grid of labelled overlays in one PNG.
 
-Kept apart from :mod:`camserve.render` (request-path encoders) because only ``make demo``
+Kept apart from :mod:`camserve.pipeline.render` (request-path encoders) because only ``make demo``
 and the client CLI draw sheets.
 """
 
@@ -11,8 +11,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .errors import InputError
-from .render import check_image, encode_png
+from camserve.errors import InputError
+from camserve.pipeline.render import check_image, encode_png
 
 
 def contact_sheet(tiles: Sequence[np.ndarray], labels: Sequence[str], *, columns: int = 4,

@@ -1,4 +1,4 @@
-"""The KServe model server process: ``python -m camserve.kserve_server SPEC.json``.
+"""The KServe model server process: ``python -m camserve.serving.kserve.server SPEC.json``.
 
 ``camserve kserve serve`` writes the spec (models, ports, host, configuration) and starts
 this module as its own process, since ``import kserve`` parses the process's command line
@@ -7,7 +7,7 @@ this module as its own process, since ``import kserve`` parses the process's com
 What this adds to ``kserve.ModelServer`` (0.21), each for a stated reason:
 
 * REST (and gRPC) bound to ``host`` (127.0.0.1 by default): kserve hard-codes 0.0.0.0/[::];
-* camserve's refusals (:class:`camserve.kserve_model.Refused`) answered with their own
+* camserve's refusals (:class:`camserve.serving.kserve.model.Refused`) answered with their own
   status (413, 415, 400, 503, ...) and JSON body ``{"error": message, "kind", "status",
   "schema", "request_id", "model"}``: ``error`` as a string is what KServe's and Triton's
   clients read, the rest is camserve's envelope;
@@ -37,7 +37,7 @@ def _loopback_patches(host: str, ceiling: int) -> None:
     from kserve.protocol.grpc import server as grpc_server
     from kserve.protocol.rest.server import RESTServer
 
-    from .kserve_model import Refused
+    from camserve.serving.kserve.model import Refused
 
     async def refused(_request: Any, exc: Refused) -> JSONResponse:
         body = json.loads(exc.response.body)
@@ -100,8 +100,8 @@ def main(spec_path: str) -> int:
     sys.argv = [sys.argv[0]]  # kserve parses the command line at import: give it none of ours
     import kserve
 
-    from .config import load_config
-    from .kserve_model import CamserveModel
+    from camserve.config import load_config
+    from camserve.serving.kserve.model import CamserveModel
 
     config = load_config(spec.get("config_file"))
     _loopback_patches(spec["host"], config.frontend_max_request_bytes)

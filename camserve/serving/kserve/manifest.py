@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CamserveError
+from camserve.errors import CamserveError
 
 PORT = 8080
 MOUNT = "/mnt/models"
@@ -142,7 +142,7 @@ itself (`prometheus.io/port: {port}`), where camserve's metrics are.
 def write(out: str | Path, export_dir: str | Path, *, name: str | None, image: str, storage_uri: str,
           **options: Any) -> list[Path]:
     """Write the InferenceService, the Dockerfiles and the README into ``out``; returns the files."""
-    from .manifest import Manifest
+    from camserve.manifest import Manifest
 
     manifest = Manifest.load(Path(export_dir))
     name = name or manifest.model_name

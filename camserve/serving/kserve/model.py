@@ -1,8 +1,8 @@
 """KServe front-end: a ``kserve.Model`` that is a thin adapter over camserve's one pipeline.
 
 Everything a request goes through (limits, parameter parsing, decoding, ONNX Runtime, CAM
-methods, rendering, audit, metrics) is :mod:`camserve.service`, exactly as in the TorchServe
-handler; this module only translates KServe's protocols to :class:`~camserve.request.Request`
+methods, rendering, audit, metrics) is :mod:`camserve.pipeline.service`, exactly as in the TorchServe
+handler; this module only translates KServe's protocols to :class:`~camserve.pipeline.request.Request`
 and the pipeline's answer back.
 
 Open Inference Protocol v2 (``POST /v2/models/NAME/infer``):
@@ -23,14 +23,12 @@ v1: ``POST /v1/models/NAME:predict`` and ``:explain`` with ``{"instances": [{"im
 A refused request (wrong datatype or shape, missing input, broken base64, not an image,
 unknown parameter, oversized body) goes through the pipeline as a refusal, so it is
 answered with the pipeline's 4xx JSON and audited like any other; :class:`Refused` carries
-it to the HTTP layer (:mod:`camserve.kserve_server` turns it into the response).
+it to the HTTP layer (:mod:`camserve.serving.kserve.server` turns it into the response).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import threading
 import uuid
@@ -40,20 +38,11 @@ from typing import Any
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse, Model
 
-from .errors import InputError
-from .params import PARAM_NAMES, UnknownParameter
-from .request import Request, Response
+from camserve.errors import InputError
+from camserve.pipeline.request import Request, Response
+from camserve.serving.protocol import INPUT, BadInput, b64_image, client_parameters, v1_fields
 
-INPUT = "image"
 ANSWER = "answer"
-#: Request parameters that clients add for themselves (tritonclient's binary_data_output, ...).
-CLIENT_PARAMETERS = ("binary_data_output", "binary_data", "binary_data_size")
-
-
-class BadInput(InputError):
-    """A KServe input that is not what the model takes (names the input and the problem)."""
-
-    kind = "bad_input"
 
 
 class Refused(Exception):
@@ -78,10 +67,10 @@ class CamserveModel(Model):
         self._lock = threading.Lock()
 
     def load(self) -> bool:
-        from .audit.service import make_service
-        from .metrics import Recorder
-        from .prom import process_cache
-        from .runtime import GraphSession, default_providers
+        from camserve.audit.service import make_service
+        from camserve.pipeline.metrics import Recorder
+        from camserve.serving.kserve.prom import process_cache
+        from camserve.pipeline.runtime import GraphSession, default_providers
 
         providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
         session = GraphSession(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
@@ -158,18 +147,6 @@ class CamserveModel(Model):
 # ------------------------------------------------------------------ translation ---
 
 
-def b64_image(text: Any, where: str) -> bytes:
-    """The image bytes of one base64 element (``str`` or ``bytes``), strictly decoded."""
-    if isinstance(text, (bytes, bytearray)):
-        text = bytes(text).decode("ascii", errors="replace")
-    if not isinstance(text, str):
-        raise BadInput(f"{where} must be a base64 string, got {type(text).__name__}")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadInput(f"{where} is not valid base64 ({len(text)} characters)") from None
-
-
 def v2_fields(payload: InferRequest) -> dict[str, bytes]:
     """``{"image_i": bytes}`` from a v2 request's ``image`` input (checked: name, datatype, shape)."""
     names = [i.name for i in payload.inputs]
@@ -186,38 +163,3 @@ def v2_fields(payload: InferRequest) -> dict[str, bytes]:
     if len(shape) != 1 or shape[0] != len(data) or not data:
         raise BadInput(f"input {INPUT!r} has shape {shape} with {len(data)} elements, expected [N] with N >= 1")
     return {f"image_{i}": b64_image(x, f"input {INPUT!r} element {i}") for i, x in enumerate(data)}
-
-
-def v1_fields(payload: Any) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """(``{"image_i": bytes}``, parameters) from ``{"instances": [{"image": {"b64": ...}}], "parameters": {...}}``."""
-    if not isinstance(payload, dict):
-        raise BadInput(f"the body must be a JSON object with 'instances', got {type(payload).__name__}")
-    unknown = [k for k in payload if k not in ("instances", "parameters")]
-    if unknown:
-        raise BadInput(f"unknown key {unknown[0]!r} in the body (known: instances, parameters)")
-    instances = payload.get("instances")
-    if not isinstance(instances, list) or not instances:
-        raise BadInput("'instances' must be a non-empty list of {\"image\": {\"b64\": ...}}")
-    fields = {}
-    for i, inst in enumerate(instances):
-        image = inst.get("image") if isinstance(inst, dict) else None
-        b64 = image.get("b64") if isinstance(image, dict) else image
-        if b64 is None:
-            raise BadInput(f"instance {i} has no image (send {{\"image\": {{\"b64\": \"...\"}}}})")
-        fields[f"image_{i}"] = b64_image(b64, f"instance {i}")
-    params = payload.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadInput(f"'parameters' must be a JSON object, got {type(params).__name__}")
-    return fields, client_parameters(params)
-
-
-def client_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    """camserve's parameters from a request's ``parameters`` (client-protocol keys dropped)."""
-    out = {}
-    for key, value in params.items():
-        if key in CLIENT_PARAMETERS or key.startswith("triton_"):
-            continue
-        if key not in PARAM_NAMES:
-            raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
-        out[key] = value
-    return out

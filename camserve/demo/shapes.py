@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .errors import InputError
+from camserve.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

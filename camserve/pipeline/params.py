@@ -33,7 +33,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .errors import InputError
+from camserve.errors import InputError
 
 PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain")
 JSON_FIELDS = ("params", "parameters")

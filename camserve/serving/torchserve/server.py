@@ -11,7 +11,7 @@ gRPC ports set explicitly (a clash there would kill the server after start), Pro
 metrics mode, batching as configured. Readiness is not ``/ping`` (healthy before any model
 loads) but the management API reporting a READY worker for every model version; a version
 whose worker died while loading is reported with the reason from the model log
-(:mod:`camserve.load_errors`) instead of being waited for until the start timeout.
+(:mod:`camserve.serving.torchserve.load_errors`) instead of being waited for until the start timeout.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_ENV, PORT_FIELDS, Config, to_env
-from .errors import CamserveError
-from .java import find_java
-from .load_errors import load_failures
-from .audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
+from camserve.config import CONFIG_ENV, PORT_FIELDS, Config, to_env
+from camserve.errors import CamserveError
+from camserve.serving.torchserve.java import find_java
+from camserve.serving.torchserve.load_errors import load_failures
+from camserve.audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
 
 class ServerError(CamserveError):
     """TorchServe cannot be started, found or stopped."""
@@ -80,7 +80,7 @@ class Instance:
     #: ``{"NAME VERSION": reason}``: versions whose worker died while loading at start
     #: (TorchServe keeps retrying them with back-off; every other version is READY).
     failed: dict[str, str] = field(default_factory=dict)
-    #: The token-free health check (:mod:`camserve.health`): its address and process.
+    #: The token-free health check (:mod:`camserve.serving.torchserve.health`): its address and process.
     health_url: str = ""
     health_pid: int = 0
 
@@ -355,7 +355,7 @@ def start(
     if keys.exists():
         keys.chmod(0o600)
     if wait:
-        from .health import start_health
+        from camserve.serving.torchserve.health import start_health
 
         # beside the inference API: a probe reaches it where clients reach inference
         instance = start_health(instance, inference_host or host, s.health_port, env)
@@ -411,7 +411,7 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
         pid = int(pid_file.read_text().split()[0])
     else:
         raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)")
-    from .health import health_process
+    from camserve.serving.torchserve.health import health_process
 
     procs = instance_processes(run_dir, pid)
     health = health_process(run_dir)

@@ -1,6 +1,6 @@
 """camserve's metrics in a prometheus-client registry, for front-ends other than TorchServe.
 
-:class:`camserve.metrics.Recorder` and :class:`camserve.audit.metrics.AuditMetrics` record
+:class:`camserve.pipeline.metrics.Recorder` and :class:`camserve.audit.metrics.AuditMetrics` record
 through a TorchServe-style cache (``get_metric(name, kind).add_or_update(value, dims)``).
 :class:`PrometheusCache` is such a cache in-process: it keeps the counters' values and
 exposes them from a prometheus-client collector with the *same series names and labels* as
@@ -18,11 +18,11 @@ from typing import Any, Iterator
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from .metrics import METRICS, histogram_series
+from camserve.pipeline.metrics import METRICS, histogram_series
 
 
 def _all_metrics() -> tuple:
-    from .audit.metrics import AUDIT_METRICS
+    from camserve.audit.metrics import AUDIT_METRICS
 
     return METRICS + AUDIT_METRICS
 

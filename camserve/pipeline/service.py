@@ -37,12 +37,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import imageio, render
-from .config import Limits
-from .errors import CamserveError
-from .metrics import Recorder
-from .params import BadParameter, RequestParams, merge_sources, parse_params
-from .request import BodyTooLarge, Request, Response, TooManyImages, header_source
+from camserve.pipeline import imageio
+from camserve.pipeline import render
+from camserve.config import Limits
+from camserve.errors import CamserveError
+from camserve.pipeline.metrics import Recorder
+from camserve.pipeline.params import BadParameter, RequestParams, merge_sources, parse_params
+from camserve.pipeline.request import BodyTooLarge, Request, Response, TooManyImages, header_source
 
 SCHEMA = "camserve/1"
 TOP_PREDICTIONS = 5
@@ -74,7 +75,7 @@ class Service:
     def __init__(self, session: Any, limits: Limits | None = None, recorder: Recorder | None = None,
                  explain: Callable[..., Any] | None = None, name: str | None = None, version: str | None = None,
                  hooks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
-        from . import cam
+        from camserve import cam
 
         self.session = session
         self.manifest = session.manifest
@@ -137,7 +138,7 @@ class Service:
         item.preprocess_s = time.perf_counter() - start
 
     def _targets(self, params: RequestParams) -> Any:
-        from .cam import TopK
+        from camserve.cam import TopK
 
         return TopK(params.target.topk) if params.target.topk is not None else list(params.target.classes)
 
@@ -242,7 +243,7 @@ class Service:
         summary says ``degenerate: true`` with the reason, and the counter
         ``camserve_degenerate_maps_total`` counts it.
         """
-        from .cam import degenerate_reason
+        from camserve.cam import degenerate_reason
 
         flagged = 0
         for t, summary in enumerate(summaries):

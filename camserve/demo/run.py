@@ -1,6 +1,6 @@
-"""``python -m camserve.demo_run --out demo_out``: the whole product in one command (``make demo``).
+"""``python -m camserve.demo.run --out demo_out``: the whole product in one command (``make demo``).
 
-Trains the small synthetic-shapes CNN (:mod:`camserve.demo`), exports it, archives it,
+Trains the small synthetic-shapes CNN (:mod:`camserve.demo.shapes`), exports it, archives it,
 starts a real TorchServe on free loopback ports, explains sample images through HTTP with
 the client code (several CAM methods per request), writes the overlays, the JSON answers
 and a labelled contact sheet, and stops the server (always, also on error). Everything goes
@@ -35,7 +35,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .errors import CamserveError, InputError  # noqa: E402
+from camserve.errors import CamserveError, InputError  # noqa: E402
 
 #: Contact sheet geometry: tiles of TILE px, PAD px apart, under a HEADER px title bar.
 TILE, PAD, HEADER = 176, 6, 44
@@ -75,8 +75,8 @@ def peak_in_box(peak: list[int] | None, box: list[int]) -> bool:
 def build_archive_from_training(out: Path, args: argparse.Namespace, timings: dict[str, float],
                                 log: Callable[[str], None]) -> tuple[Path, Any]:
     """Train, export and archive the shapes model; returns (model store, ShapesModelInfo)."""
-    from . import demo
-    from .archive import build_archive
+    from camserve.demo import shapes as demo
+    from camserve.serving.torchserve.archive import build_archive
 
     t = time.perf_counter()
     model, info = demo.train_shapes_model(seed=args.seed, steps=args.steps)
@@ -98,7 +98,7 @@ def build_archive_from_training(out: Path, args: argparse.Namespace, timings: di
 def explain_one(url: str, token: str | None, image: Path, methods: list[str], results: Path,
                 timeout: float) -> tuple[dict[str, Any], float]:
     """POST one sample to /explanations with the client code; writes overlays + JSON."""
-    from .client import ClientError, post_image, write_outputs
+    from camserve.serving.client import ClientError, post_image, write_outputs
 
     t = time.perf_counter()
     try:
@@ -115,7 +115,7 @@ def explain_samples(instance: Any, samples: list[dict[str, Any]], sample_dir: Pa
                     results: Path, concurrency: int, timeout: float) -> list[SampleResult]:
     """Explain every sample through HTTP (``concurrency`` requests in flight, so the server
     batches them) and collect predictions, peaks and overlay files."""
-    from .client import ClientError, explain_url
+    from camserve.serving.client import ClientError, explain_url
 
     url = explain_url(instance.inference_url, MODEL_NAME, None)
     token = instance.key("inference")
@@ -175,7 +175,7 @@ def _tile(image: np.ndarray, box: list[int], peak: list[int] | None, wrong: bool
 def render_sheet(results: list[SampleResult], methods: list[str]) -> np.ndarray:
     """The contact sheet, uint8 RGB: per sample its input (true class, shape box) and one
     overlay per method (predicted class and score, CAM peak), under a legend bar."""
-    from .demo_sheet import contact_sheet
+    from camserve.demo.sheet import contact_sheet
 
     tiles, labels = [], []
     for i, r in enumerate(results):
@@ -200,17 +200,18 @@ def render_sheet(results: list[SampleResult], methods: list[str]) -> np.ndarray:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The demo, start to end; returns the summary also written to demo_summary.json."""
-    from . import demo, server
-    from .config import PORT_FIELDS, load_config
-    from .java import find_java
-    from .render import encode_png
+    from camserve.demo import shapes as demo
+    from camserve.serving.torchserve import server
+    from camserve.config import PORT_FIELDS, load_config
+    from camserve.serving.torchserve.java import find_java
+    from camserve.pipeline.render import encode_png
 
     t_all = time.perf_counter()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods or args.samples < 1:
         raise InputError(f"the demo needs at least one method and one sample, got methods={args.methods!r}, "
                          f"samples={args.samples}")
-    from .cam.registry import get_method
+    from camserve.cam.registry import get_method
 
     for m in methods:  # refuse an unknown method now, not after training
         get_method(m)
@@ -300,7 +301,7 @@ def print_summary(s: dict[str, Any], out: Path, log: Callable[[str], None]) -> N
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m camserve.demo_run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m camserve.demo.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--samples", type=int, default=12, help="sample images to explain (default 12)")
     p.add_argument("--sample-size", type=int, default=128, help="sample image side in pixels (default 128)")

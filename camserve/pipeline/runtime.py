@@ -18,8 +18,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort  # noqa: E402
 
-from .errors import InputError, ManifestError  # noqa: E402
-from .manifest import Manifest, sha256_file  # noqa: E402
+from camserve.errors import InputError, ManifestError  # noqa: E402
+from camserve.manifest import Manifest, sha256_file  # noqa: E402
 
 
 def cuda_available() -> bool:

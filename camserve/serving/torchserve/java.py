@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import CamserveError
+from camserve.errors import CamserveError
 
 JAVA_HINT = (
     "TorchServe needs a Java runtime 11 or newer: install one (Debian/Ubuntu: "

@@ -3,7 +3,7 @@
 Every function takes CAMs the way the CAM core returns them: ``float32`` of shape
 ``N x H x W`` with values in ``[0, 1]``. Array work is batched (one NumPy/OpenCV call per
 batch); only the final encoders run once per map, because each map becomes its own byte
-string. ``python -m camserve.render`` prints the cost of each form per 224 x 224 map.
+string. ``python -m camserve.pipeline.render`` prints the cost of each form per 224 x 224 map.
 
 PNG settings, chosen by measurement (``measure()``; 224 x 224 maps, 2-core box): zlib level
 1 with the fixed SUB row filter. CAMs are smooth, so SUB turns each row into small deltas
@@ -23,7 +23,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from .errors import InputError
+from camserve.errors import InputError
 
 #: zlib level and row filter for PNGs written on the request path (see the module docstring).
 PNG_COMPRESSION = 1
@@ -424,6 +424,6 @@ def measure(n: int = 8, size: int = 224, repeats: int = 5, seed: int = 0) -> dic
 
 
 if __name__ == "__main__":
-    print("camserve.render: ms per 224 x 224 map (batch of 8, best of 5)")  # measure() defaults
+    print("camserve.pipeline.render: ms per 224 x 224 map (batch of 8, best of 5)")  # measure() defaults
     for key, value in measure().items():
         print(f"  {key:28s} {value:7.3f}")

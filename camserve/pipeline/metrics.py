@@ -249,7 +249,7 @@ def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]],
 def dashboard() -> dict[str, Any]:
     """A Grafana dashboard over exactly the metric names above (``grafana/camserve-dashboard.json``).
 
-    Regenerate the file with ``python -m camserve.metrics > grafana/camserve-dashboard.json``.
+    Regenerate the file with ``python -m camserve.pipeline.metrics > grafana/camserve-dashboard.json``.
     """
     sel = '{model_name=~"$model", model_version=~"$version"}'
 

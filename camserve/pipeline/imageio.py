@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import InputError
+from camserve.errors import InputError
 
 FORMATS = ("jpeg", "png", "webp", "bmp")
 ALPHA_BACKGROUND = 255.0

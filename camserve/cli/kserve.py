@@ -1,6 +1,6 @@
 """``camserve kserve serve`` / ``camserve kserve stop``: camserve models on KServe's model server.
 
-``serve`` starts :mod:`camserve.kserve_server` as its own process (KServe's ``ModelServer``
+``serve`` starts :mod:`camserve.serving.kserve.server` as its own process (KServe's ``ModelServer``
 with camserve's models), on 127.0.0.1 unless told otherwise, and returns once every model
 answers ready (``GET /v2/models/NAME/ready``). The run folder (mode 0700) holds the spec,
 ``state.json`` (address, pid), ``logs/kserve.log`` and, by default, the audit log.
@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import CamserveError
+from camserve.errors import CamserveError
 
 
 class KServeError(CamserveError):
@@ -43,7 +43,7 @@ def _process(run_dir: Path):
     try:
         state = json.loads((run_dir / "state.json").read_text())
         proc = psutil.Process(state["pid"])
-        if "camserve.kserve_server" in proc.cmdline():
+        if "camserve.serving.kserve.server" in proc.cmdline():
             return proc
     except (OSError, ValueError, KeyError, psutil.Error):
         pass
@@ -61,9 +61,9 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
 
     if importlib.util.find_spec("kserve") is None:  # not imported here: it parses this process's argv
         raise KServeError("the kserve package is not installed: pip install 'camserve[kserve]'")
-    from .config import load_config
-    from .manifest import Manifest
-    from .server import free_port
+    from camserve.config import load_config
+    from camserve.manifest import Manifest
+    from camserve.serving.torchserve.server import free_port
 
     load_config(config_file)  # a bad setting is one line here, not a traceback in the server's log
 
@@ -83,8 +83,8 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, "1")  # ONNX Runtime has its own threads (see camserve.server)
-    command = [sys.executable, "-m", "camserve.kserve_server", str(run_dir / "spec.json")]
+        env.setdefault(var, "1")  # ONNX Runtime has its own threads (see camserve.serving.torchserve.server)
+    command = [sys.executable, "-m", "camserve.serving.kserve.server", str(run_dir / "spec.json")]
     if foreground:
         os.execve(sys.executable, command, env)
     with open(run_dir / "logs" / "kserve.log", "ab") as log:
@@ -155,7 +155,7 @@ def register(subparsers: Any) -> None:
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC server")
     s.add_argument("--foreground", action="store_true", help="run the server in this process (a container's command)")
     s.set_defaults(func=_serve)
-    from .kserve_manifest import register as register_manifest
+    from camserve.serving.kserve.manifest import register as register_manifest
 
     register_manifest(sub)
     q = sub.add_parser("stop", help="stop the server started by camserve kserve serve")

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import CamserveError
+from camserve.errors import CamserveError
 
 
 DEFAULT_URL = "http://127.0.0.1:8080"

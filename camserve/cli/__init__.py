@@ -15,12 +15,12 @@ import sys
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from .errors import CamserveError  # noqa: E402
+from camserve.errors import CamserveError  # noqa: E402
 
 #: Sub-command modules, imported lazily so ``camserve --help`` does not import torch.
 COMMANDS: tuple[str, ...] = (
     "camserve.export.cli",
-    "camserve.archive", "camserve.serve_cli", "camserve.kserve_cli", "camserve.client",
+    "camserve.serving.torchserve.archive", "camserve.cli.serve", "camserve.cli.kserve", "camserve.serving.client",
     "camserve.audit.cli", "camserve.compare.cli",
 )
 
@@ -65,6 +65,3 @@ def _silence_stdout() -> None:
     except (OSError, ValueError):
         pass
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ one second, so a probe storm costs TorchServe at most one request per second per
 The process exits by itself when the TorchServe frontend it watches is gone, and
 ``camserve stop`` stops it (:func:`start_health`, :func:`health_process`). When the
 management key has expired (TorchServe's ``token_expiration_min``), the readiness check
-renews it with the API key (:func:`camserve.server.management_get`).
+renews it with the API key (:func:`camserve.serving.torchserve.server.management_get`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from .server import Instance
+    from camserve.serving.torchserve.server import Instance
 
 CACHE_S = 1.0
 ANSWERS = {True: (200, "Healthy"), False: (503, "Unhealthy")}
@@ -46,7 +46,7 @@ class Checks:
     """The two checks of one run folder, each cached for :data:`CACHE_S` seconds."""
 
     def __init__(self, run_dir: Path) -> None:
-        from .server import Instance
+        from camserve.serving.torchserve.server import Instance
 
         self.run_dir = run_dir
         self.instance = Instance.load(run_dir)
@@ -77,7 +77,7 @@ class Checks:
             return resp.status == 200
 
     def _all_ready(self) -> bool:
-        from .server import ready_models  # renews an expired management key itself
+        from camserve.serving.torchserve.server import ready_models  # renews an expired management key itself
 
         ready = ready_models(self.instance)
         return all(
@@ -127,7 +127,7 @@ def make_handler(checks: Checks) -> type[BaseHTTPRequestHandler]:
 
 def serve(run_dir: Path, host: str, port: int, watch_pid: int) -> None:
     """Answer health checks until the frontend ``watch_pid`` is gone."""
-    from .server import _alive
+    from camserve.serving.torchserve.server import _alive
 
     checks = Checks(run_dir)
     httpd = ThreadingHTTPServer((host, port), make_handler(checks))
@@ -140,13 +140,13 @@ def serve(run_dir: Path, host: str, port: int, watch_pid: int) -> None:
 
 def start_health(instance: "Instance", host: str, port: int, env: dict[str, str], timeout: float = 30.0) -> "Instance":
     """Start this module as the instance's health process and wait until it answers."""
-    from .server import Instance, ServerError, stop
+    from camserve.serving.torchserve.server import Instance, ServerError, stop
 
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     log = open(instance.run_dir / "logs" / "health.log", "ab")
     with log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "camserve.health", "--run-dir", str(instance.run_dir), "--host", host,
+            [sys.executable, "-m", "camserve.serving.torchserve.health", "--run-dir", str(instance.run_dir), "--host", host,
              "--port", str(port), "--watch-pid", str(instance.pid)],
             cwd=instance.run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -173,7 +173,7 @@ def health_process(run_dir: Path) -> Any:
     """The health-check process of ``run_dir``, recognised by its command line (pids get reused)."""
     import psutil
 
-    from .server import Instance, ServerError
+    from camserve.serving.torchserve.server import Instance, ServerError
 
     state = run_dir / "state.json"
     if not state.is_file():
@@ -181,7 +181,7 @@ def health_process(run_dir: Path) -> Any:
     try:
         proc = psutil.Process(Instance.load(run_dir).health_pid or -1)
         cmd = proc.cmdline()
-        if "camserve.health" in cmd and str(run_dir) in cmd:
+        if "camserve.serving.torchserve.health" in cmd and str(run_dir) in cmd:
             return proc
     except (psutil.Error, ValueError, ServerError):
         pass
@@ -189,7 +189,7 @@ def health_process(run_dir: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m camserve.health", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m camserve.serving.torchserve.health", description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

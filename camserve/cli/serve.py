@@ -1,4 +1,4 @@
-"""``camserve serve`` / ``camserve stop``: the command-line face of :mod:`camserve.server`."""
+"""``camserve serve`` / ``camserve stop``: the command-line face of :mod:`camserve.serving.torchserve.server`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from .config import load_config
-from .server import start, stop
+from camserve.config import load_config
+from camserve.serving.torchserve.server import start, stop
 
 
 def _serve(args: argparse.Namespace) -> int:

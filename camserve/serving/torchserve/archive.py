@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from .errors import CamserveError
-from .manifest import Manifest, sha256_file
+from camserve.errors import CamserveError
+from camserve.manifest import Manifest, sha256_file
 
 HANDLER_PACKAGE = "camserve._handler"
 HANDLER_NAME = "camserve_handler.py"

@@ -1,0 +1,1 @@
+"""Running TorchServe for camserve: archives, the server's lifecycle, health, Java."""
