@@ -1,4 +1,4 @@
-"""TorchServe handler for camserve models: thin glue between TorchServe and camserve.service.
+"""TorchServe handler for camserve models: thin glue between TorchServe and camserve.pipeline.service.
 
 TorchServe loads this module and requires exactly one class in it, so every helper lives in
 the installed ``camserve`` package. The handler creates the ONNX Runtime session itself
@@ -10,6 +10,7 @@ never lets an exception escape (that would fail the whole batch with 503).
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -18,6 +19,7 @@ from camserve.config import load_config  # noqa: E402
 from camserve.pipeline.metrics import Recorder  # noqa: E402
 from camserve.pipeline.runtime import GraphSession, default_providers  # noqa: E402
 from camserve.pipeline.request import PARAMS_HEADER, Request, header  # noqa: E402
+from camserve.serving.torchserve import envelopes  # noqa: E402
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -48,6 +50,19 @@ class CamserveHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        try:
+            envelope = envelopes.detect(sys._getframe(1))  # KServe's TorchServe runtime wraps handle
+        except LookupError as exc:
+            return self._answer(context, [self.service.error_response(Request({}), exc)])
+        if envelope is not None:
+            try:
+                request = envelope.request(data, context)
+            except Exception as exc:  # noqa: BLE001 - whatever the envelope hands over, a 400
+                request = Request({}, context.get_request_id(0) or "", refusal=envelopes.BadInput(
+                    f"the {envelope.name} request cannot be read ({type(exc).__name__}: {str(exc)[:200]})"))
+            (response,) = self._serve([request])
+            self._answer(context, [response])
+            return envelope.output(response, data)
         requests = [
             Request(
                 fields=dict(row or {}),
@@ -57,10 +72,17 @@ class CamserveHandler:
             )
             for i, row in enumerate(data or [])
         ]
+        return self._answer(context, self._serve(requests))
+
+    def _serve(self, requests):
         try:
-            responses = self.service.handle(requests)
+            return self.service.handle(requests)
         except Exception as exc:  # noqa: BLE001 - a 503 for the batch would hide which request failed
-            responses = [self.service.error_response(r, exc) for r in requests]
+            return [self.service.error_response(r, exc) for r in requests]
+
+    @staticmethod
+    def _answer(context, responses):
+        """Status and content type per request; the bodies in batch order."""
         for i, response in enumerate(responses):
             context.set_response_status(response.status, "OK" if response.status < 400 else response.error_kind or "error", idx=i)
             context.set_response_content_type(i, response.content_type)

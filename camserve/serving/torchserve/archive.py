@@ -134,14 +134,25 @@ def build_archive(
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.kserve_layout:
+        from camserve.serving.torchserve.kserve_layout import write_layout
+
+        fixed = [f"--{k.replace('_', '-')}" for k in ("model_store", "mar_name", "batch_size", "max_batch_delay", "workers")
+                 if getattr(args, k) is not None]
+        if fixed:
+            raise ArchiveError(f"{', '.join(fixed)} cannot be combined with --kserve-layout "
+                               "(KServe's runtime reads DIR/model-store; batch size and workers are 1 there)")
+        path = write_layout(args.kserve_layout, args.export_dir, name=args.name, version=args.version, force=args.force)
+        print(f"camserve: wrote {path} and {Path(args.kserve_layout) / 'config' / 'config.properties'}")
+        return 0
     path = build_archive(
         args.export_dir,
         name=args.name,
         version=args.version,
-        model_store=args.model_store,
+        model_store=args.model_store or "model_store",
         mar_name=args.mar_name,
-        batch_size=args.batch_size,
-        max_batch_delay_ms=args.max_batch_delay,
+        batch_size=8 if args.batch_size is None else args.batch_size,
+        max_batch_delay_ms=10 if args.max_batch_delay is None else args.max_batch_delay,
         workers=args.workers,
         force=args.force,
     )
@@ -154,10 +165,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("export_dir", help="folder with model.onnx and manifest.json (camserve export)")
     p.add_argument("--name", required=True, help="model name served under /predictions/NAME")
     p.add_argument("--version", default="1.0", help="model version (default 1.0)")
-    p.add_argument("--model-store", default="model_store", help="output folder (default model_store)")
+    p.add_argument("--model-store", help="output folder (default model_store)")
     p.add_argument("--mar-name", help="archive file name without .mar (default NAME; use NAME-V to keep versions side by side)")
-    p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
-    p.add_argument("--max-batch-delay", type=int, default=10, help="milliseconds to wait to fill a batch (default 10)")
+    p.add_argument("--batch-size", type=int, help="server-side batch size (default 8)")
+    p.add_argument("--max-batch-delay", type=int, help="milliseconds to wait to fill a batch (default 10)")
     p.add_argument("--workers", type=int, default=None, help="workers per model version, fixed in the archive (default: as `camserve serve --workers` says)")
+    p.add_argument("--kserve-layout", metavar="DIR", help="write KServe's TorchServe-runtime layout instead: DIR/model-store/NAME.mar "
+                   "(batch size 1) + DIR/config/config.properties; upload DIR as the storageUri")
     p.add_argument("--force", action="store_true", help="replace an existing archive")
     p.set_defaults(func=_run)
