@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,10 +53,13 @@ def _process(run_dir: Path):
 
 def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = None, version: str | None = None,
           host: str = "127.0.0.1", http_port: int = 8080, grpc_port: int = 8081, grpc: bool = True,
-          config_file: str | None = None, timeout: float = 180.0, foreground: bool = False) -> dict[str, Any]:
+          config_file: str | None = None, timeout: float = 180.0, foreground: bool = False,
+          workers: int = 1) -> dict[str, Any]:
     """Start the server for ``exports`` and wait until every model is ready; returns the state.
 
-    ``foreground``: become the server process instead (a container's main process).
+    ``workers``: REST processes sharing the port (each loads every model; gRPC, if enabled, is
+    served by the parent process with its own copy). ``foreground``: become the server
+    process instead (a container's main process).
     """
     import importlib.util
 
@@ -65,6 +69,8 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
     from camserve.manifest import Manifest
     from camserve.serving.torchserve.server import free_port
 
+    if not isinstance(workers, int) or workers < 1:
+        raise KServeError(f"--workers must be a whole number >= 1, got {workers!r}")
     load_config(config_file)  # a bad setting is one line here, not a traceback in the server's log
 
     run_dir = Path(run_dir).resolve()
@@ -77,9 +83,10 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
         models.append({"name": name, "export_dir": str(Path(export).resolve()), "version": version or manifest.model_version})
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)
-    spec = {"models": models, "host": host, "http_port": http_port or free_port(host), "grpc": grpc,
+    spec = {"models": models, "host": host, "workers": workers, "http_port": http_port or free_port(host), "grpc": grpc,
             "grpc_port": grpc_port or free_port(host), "run_dir": str(run_dir),
             "config_file": str(Path(config_file).resolve()) if config_file else None}
+    shutil.rmtree(run_dir / "metrics", ignore_errors=True)  # a previous run's processes are not this one's
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -92,10 +99,13 @@ def start(exports: list[str], *, run_dir: str | Path, names: list[str] | None = 
                                 start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{spec['http_port']}"
     state = {"pid": proc.pid, "url": url, "grpc": f"{host}:{spec['grpc_port']}" if grpc else "",
-             "models": {m["name"]: m["version"] for m in models}, "run_dir": str(run_dir)}
+             "models": {m["name"]: m["version"] for m in models}, "run_dir": str(run_dir), "workers": workers}
     (run_dir / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     deadline = time.monotonic() + timeout
-    while not all(_ready(f"{url}/v2/models/{m['name']}/ready") for m in models):
+    # With workers, every process that loaded the models publishes its counters: wait for all.
+    loaded = workers + (1 if grpc else 0) if workers > 1 else 0
+    while not (all(_ready(f"{url}/v2/models/{m['name']}/ready") for m in models)
+               and len(list((run_dir / "metrics").glob("*.json"))) >= loaded):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(run_dir)
             tail = (run_dir / "logs" / "kserve.log").read_text(errors="replace").strip().splitlines()[-5:]
@@ -126,7 +136,7 @@ def stop(run_dir: str | Path, timeout: float = 30.0) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     state = start(args.exports, run_dir=args.run_dir, names=args.name, version=args.version, host=args.host,
                   http_port=args.http_port, grpc_port=args.grpc_port, grpc=not args.no_grpc, config_file=args.config,
-                  foreground=args.foreground)
+                  foreground=args.foreground, workers=args.workers)
     print(f"camserve: KServe serving {', '.join(f'{n} {v}' for n, v in state['models'].items())}")
     print(f"  REST (v1, v2) {state['url']}   metrics {state['url']}/metrics   health {state['url']}/v2/health/ready")
     if state["grpc"]:
@@ -153,6 +163,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--http-port", type=int, default=8080, help="REST port (0 = a free one; default 8080)")
     s.add_argument("--grpc-port", type=int, default=8081, help="gRPC port (0 = a free one; default 8081)")
     s.add_argument("--no-grpc", action="store_true", help="do not start the gRPC server")
+    s.add_argument("--workers", type=int, default=1,
+                   help="REST processes sharing the port, each with its own copy of the models (default 1)")
     s.add_argument("--foreground", action="store_true", help="run the server in this process (a container's command)")
     s.set_defaults(func=_serve)
     from camserve.serving.kserve.manifest import register as register_manifest

@@ -57,14 +57,26 @@ class CamserveModel(Model):
     """One exported model served by KServe's ModelServer (see the module docstring)."""
 
     def __init__(self, name: str, export_dir: str | Path, config: Any, version: str | None = None,
-                 base: str | Path | None = None) -> None:
+                 base: str | Path | None = None, workers: int = 1) -> None:
         super().__init__(name)
         self.export_dir, self.config, self.base = Path(export_dir), config, base
+        #: Processes serving this model on the host: ONNX Runtime threads are shared out among them.
+        self.workers = workers
         self.version = version
         self.service: Any = None
         #: One pipeline call at a time, as in a TorchServe worker (the audited service keeps
         #: per-batch state); ONNX Runtime uses the threads of runtime.ort_threads.
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only: ``--workers N`` pickles the model into each worker process, which
+        loads its own session, audit writer and metrics (:meth:`__setstate__`)."""
+        return {**self.__dict__, "service": None, "_lock": None, "ready": False}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self.load()
 
     def load(self) -> bool:
         from camserve.audit.service import make_service
@@ -74,7 +86,7 @@ class CamserveModel(Model):
 
         providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
         session = GraphSession(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
-                               intra_op_threads=self.config.runtime.threads_for(1))
+                               intra_op_threads=self.config.runtime.threads_for(self.workers))
         self.version = self.version or session.manifest.model_version
         cache = process_cache()
         recorder = Recorder(cache, self.name, self.version, self.config.limits.max_batch_size)

@@ -1,20 +1,15 @@
 """The KServe model server process: ``python -m camserve.serving.kserve.server SPEC.json``.
 
-``camserve kserve serve`` writes the spec (models, ports, host, configuration) and starts
-this module as its own process, since ``import kserve`` parses the process's command line
-(its ``ModelServer`` flags) and its FastAPI app is a module global (one server per process).
+``camserve kserve serve`` writes the spec (models, ports, host, workers, configuration) and
+starts this module as its own process, since ``import kserve`` parses the process's command
+line (its ``ModelServer`` flags) and its FastAPI app is a module global (one server per
+process). :mod:`camserve.serving.kserve.rest` holds what camserve changes in kserve's server.
 
-What this adds to ``kserve.ModelServer`` (0.21), each for a stated reason:
-
-* REST (and gRPC) bound to ``host`` (127.0.0.1 by default): kserve hard-codes 0.0.0.0/[::];
-* camserve's refusals (:class:`camserve.serving.kserve.model.Refused`) answered with their own
-  status (413, 415, 400, 503, ...) and JSON body ``{"error": message, "kind", "status",
-  "schema", "request_id", "model"}``: ``error`` as a string is what KServe's and Triton's
-  clients read, the rest is camserve's envelope;
-* bodies over the frontend ceiling (twice ``limits.max_body_bytes`` + 1 MiB, as on
-  TorchServe) refused with a 413 before they are read; between ``max_body_bytes`` and the
-  ceiling the pipeline refuses and audits them (base64 costs 4/3, so the ceiling leaves
-  room for an encoded body at the limit).
+``workers > 1``: kserve binds the REST socket here and spawns that many processes that share
+it, each receiving the models pickled; a :class:`~camserve.serving.kserve.model.CamserveModel`
+pickles as its settings and loads its own session, audit writer and metrics in the worker.
+This process then serves only gRPC (if enabled), so it loads the models only for that.
+Counters of all processes are summed on every ``/metrics`` (:mod:`camserve.serving.kserve.prom`).
 """
 
 from __future__ import annotations
@@ -24,75 +19,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 log = logging.getLogger("camserve.kserve")
-
-
-def _loopback_patches(host: str, ceiling: int) -> None:
-    """Bind REST and gRPC to ``host``; map camserve refusals and oversized bodies to JSON 4xx."""
-    import kserve.model_server as model_server
-    from fastapi.responses import JSONResponse
-    from kserve.protocol.grpc import server as grpc_server
-    from kserve.protocol.rest.server import RESTServer
-
-    from camserve.serving.kserve.model import Refused
-
-    async def refused(_request: Any, exc: Refused) -> JSONResponse:
-        body = json.loads(exc.response.body)
-        error = body.pop("error", {}) or {}
-        return JSONResponse(status_code=exc.response.status,
-                            content={"error": error.get("message", ""), "kind": error.get("kind"),
-                                     "status": exc.response.status, **body})
-
-    class Server(RESTServer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.config.host = host
-
-        def _add_exception_handlers(self, app: Any) -> None:
-            app.add_exception_handler(Refused, refused)
-            super()._add_exception_handlers(app)
-
-        def _add_middlewares(self, app: Any) -> None:
-            super()._add_middlewares(app)
-
-            @app.middleware("http")
-            async def body_ceiling(request: Any, call_next: Any) -> Any:
-                size = request.headers.get("content-length")
-                if size is not None and size.isdigit() and int(size) > ceiling:
-                    return JSONResponse(status_code=413, content={
-                        "error": f"the body has {size} bytes, more than the server's ceiling of {ceiling}",
-                        "kind": "body_too_large", "status": 413})
-                return await call_next(request)
-
-    class _Bound:
-        """A grpc.aio server whose listening address is ``host`` instead of ``[::]``."""
-
-        def __init__(self, server: Any) -> None:
-            self._server = server
-
-        def add_insecure_port(self, address: str) -> int:
-            return self._server.add_insecure_port(f"{host}:{address.rsplit(':', 1)[1]}")
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._server, name)
-
-    class _Aio:
-        def __getattr__(self, name: str) -> Any:
-            from grpc import aio
-
-            return getattr(aio, name)
-
-        @staticmethod
-        def server(*args: Any, **kwargs: Any) -> Any:
-            from grpc import aio
-
-            return _Bound(aio.server(*args, **kwargs))
-
-    model_server.RESTServer = Server
-    grpc_server.aio = _Aio()
 
 
 def main(spec_path: str) -> int:
@@ -101,18 +30,26 @@ def main(spec_path: str) -> int:
     import kserve
 
     from camserve.config import load_config
+    from camserve.serving.kserve import prom, rest
     from camserve.serving.kserve.model import CamserveModel
 
     config = load_config(spec.get("config_file"))
-    _loopback_patches(spec["host"], config.frontend_max_request_bytes)
+    rest.install(spec["host"], config.frontend_max_request_bytes)
+    workers, grpc = int(spec.get("workers", 1)), bool(spec.get("grpc", True))
+    if workers > 1:  # every process publishes its counters here; /metrics sums them
+        prom.reset_share_dir(Path(spec["run_dir"]) / "metrics")
     models = []
     for m in spec["models"]:
-        model = CamserveModel(m["name"], m["export_dir"], config, version=m.get("version"), base=spec["run_dir"])
-        model.load()
+        model = CamserveModel(m["name"], m["export_dir"], config, version=m.get("version"), base=spec["run_dir"],
+                              workers=workers)
+        if workers == 1 or grpc:
+            model.load()
+        else:  # the REST workers load their own copies; this process serves nothing
+            model.ready = True
         models.append(model)
-    log.info("camserve kserve: serving %s", ", ".join(f"{m.name} {m.version}" for m in models))
-    server = kserve.ModelServer(http_port=spec["http_port"], grpc_port=spec["grpc_port"], workers=1,
-                                enable_grpc=spec.get("grpc", True), enable_docs_url=False)
+    log.info("camserve kserve: serving %s with %d worker(s)", ", ".join(f"{m.name} {m.version}" for m in models), workers)
+    server = kserve.ModelServer(http_port=spec["http_port"], grpc_port=spec["grpc_port"], workers=workers,
+                                enable_grpc=grpc, enable_docs_url=False)
     server.start(models)
     return 0
 
