@@ -98,6 +98,9 @@ class Manifest:
     #: ("image", "activations") (the logits also depend on values before the layer).
     head_graph_file: str | None = None
     head_inputs: tuple[str, ...] = ()
+    #: Opt-in extra graphs (``camserve export --extras``): name -> ``{"file", "sha256",
+    #: "outputs", "parity"}``; each has the main graph's inputs (see camserve.export.extras).
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     @property

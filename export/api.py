@@ -16,10 +16,18 @@ from torch import nn
 from camserve.errors import ExportError
 from camserve.manifest import GRAPH_FILE, LayerSpec, Manifest, sha256_file
 
+from camserve.export import extras as extra_graphs
 from camserve.export import onnx_export, parity, resolve, trace
 from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
+#: Parity tolerances (relative to an output's scale) of extra graphs, where float rounding
+#: between the runtimes moves more than the main graph's 1e-4. FullGrad: the per-channel
+#: min-max makes a whole channel follow its largest element, and a ReLU or max-pool decision
+#: that flips within rounding moves that element (seen: 1.7% of the map's scale on random
+#: weights). Guided: the extra ``[grad > 0]`` gate of every ReLU flips on gradients within
+#: rounding of 0 (seen: 0.36% of elements beyond 1e-4, max 3e-4).
+EXTRA_TOL = {"fullgrad": 5e-2, "guided": 1e-3}
 
 
 def _versions() -> dict[str, str]:
@@ -95,6 +103,29 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     return names
 
 
+def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], example: tuple[torch.Tensor, ...],
+                  num_outputs: int, size: tuple[int, int], tmp: Path, check: bool) -> dict:
+    """Trace, export and check one extra graph; returns its manifest entry."""
+    if extra == "fullgrad":
+        fn, names = extra_graphs.fullgrad_function(model, size)
+    elif extra == "guided":
+        fn, names = extra_graphs.guided_function(model)
+    else:
+        fn, names = extra_graphs.shapley_function(model, modules)
+    path = tmp / f"{extra}.onnx"
+    try:
+        gm = trace.trace_joint(model, modules, example, fn=fn)
+        proto = onnx_export.export_graph(gm, example, ["image", "cotangent", "target_rank"], names, path)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"extra graph {extra!r} failed: {onnx_export._first_line_naming_op(exc)}") from exc
+    session = _load_checked(path, proto)
+    tol = EXTRA_TOL.get(extra, parity.TOL)
+    figures = parity.check_parity(session, fn, names, num_outputs, size, tol=tol) if check else {}
+    return {"file": path.name, "sha256": sha256_file(path), "outputs": names, "parity": figures}
+
+
 def _load_checked(graph: Path, proto: onnx.ModelProto):
     """A CPU session over the graph: the installed ONNX Runtime must read it (opset and IR
     version included). The parity check runs on this same session."""
@@ -125,13 +156,16 @@ def export_model(
     channel_order: str = "RGB",
     layouts: dict[str, str] | None = None,
     head: bool = False,
+    extras: Sequence[str] = (),
     check: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
     """Export ``model`` so that one ONNX graph answers logits, activations and gradients.
 
     Writes ``out_dir/model.onnx`` and ``out_dir/manifest.json`` (and ``head.onnx`` with
-    ``head=True`` where the first target layer is a cut of the model). With ``check``
+    ``head=True`` where the first target layer is a cut of the model, and one graph per
+    name in ``extras``: ``fullgrad``, ``guided``, ``shapley``, see
+    :mod:`camserve.export.extras`). With ``check``
     the graph is compared with PyTorch autograd first (see ``camserve.export.parity``)
     and nothing is written when they disagree.
     """
@@ -142,6 +176,7 @@ def export_model(
         raise ExportError("at least one target layer is needed")
     if channel_order not in ("RGB", "BGR"):
         raise ExportError(f"channel_order must be RGB or BGR, got {channel_order!r}")
+    extras = extra_graphs.check_extras(extras)
     model = model.eval()
     resolved = [resolve.resolve_layer(model, path) for path in target_layers]
     names = [name for name, _ in resolved]
@@ -199,6 +234,12 @@ def export_model(
             head_file = HEAD_FILE
             log(f"exported head graph ({', '.join(head_inputs)} -> logits) in {time.perf_counter() - t0:.1f} s")
 
+        extra_files: dict[str, dict] = {}
+        for extra in extras:
+            t0 = time.perf_counter()
+            extra_files[extra] = _export_extra(extra, model, modules, example, num_outputs, size, tmp, check)
+            log(f"exported extra graph {extra} ({', '.join(extra_files[extra]['outputs'])}) in {time.perf_counter() - t0:.1f} s")
+
         manifest = Manifest(
             model_name=model_name,
             model_version=str(model_version),
@@ -215,9 +256,13 @@ def export_model(
             parity=figures,
             head_graph_file=head_file,
             head_inputs=tuple(head_inputs or ()),
+            extras=extra_files,
         )
-        for name in [GRAPH_FILE] + ([HEAD_FILE] if head_file else []):
+        for name in [GRAPH_FILE] + ([HEAD_FILE] if head_file else []) + [e["file"] for e in extra_files.values()]:
             shutil.move(str(tmp / name), out_dir / name)
+        for extra in extra_graphs.EXTRAS:  # a re-export without an extra leaves no stale graph behind
+            if extra not in extra_files and (out_dir / f"{extra}.onnx").exists():
+                (out_dir / f"{extra}.onnx").unlink()
         if not head_file and (out_dir / HEAD_FILE).exists():
             (out_dir / HEAD_FILE).unlink()
         manifest.save(out_dir)

@@ -8,6 +8,16 @@ import sys
 from collections.abc import Iterator
 
 
+def _names(text: str) -> tuple[str, ...]:
+    from camserve.export.extras import EXTRAS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EXTRAS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown extra {(unknown or [text])[0]!r} (known: {', '.join(EXTRAS)})")
+    return names
+
+
 def _size(text: str) -> int | tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().split("x")]
@@ -46,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name (default: the model's name)")
     p.add_argument("--version", default="1.0", help="model version (default 1.0)")
     p.add_argument("--head", action="store_true", help="also export activations->logits (AblationCAM)")
+    p.add_argument("--extras", type=_names, default=(), metavar="NAME[,NAME]",
+                   help="extra graphs for more methods: fullgrad (FullGrad), guided (Guided Backprop / Guided Grad-CAM), "
+                        "shapley (ShapleyCAM)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
@@ -83,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = export_model(
             model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
             model_name=name, model_version=args.version, mean=args.mean, std=args.std,
-            channel_order=args.channel_order, layouts=layouts, head=args.head,
+            channel_order=args.channel_order, layouts=layouts, head=args.head, extras=args.extras,
             log=lambda msg: print(msg, file=sys.stderr),
         )
     layers = ", ".join(f"{lay.name} ({lay.layout} {list(lay.shape)})" for lay in manifest.target_layers)

@@ -133,12 +133,14 @@ def batch_symbolic(example: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [fake(t) for t in example]
 
 
-def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
-    """Trace ``joint`` with a symbolic batch into an ATen graph ready for ONNX export."""
+def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[torch.Tensor, ...],
+                fn=None) -> torch.fx.GraphModule:
+    """Trace ``joint`` (or ``fn``, an extra graph's function) with a symbolic batch into an
+    ATen graph ready for ONNX export."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model.eval()
-    fn = joint_function(model, layers)
+    fn = fn or joint_function(model, layers)
     with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model):
         gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *batch_symbolic(example)

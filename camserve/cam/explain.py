@@ -6,7 +6,9 @@ Graph runs per call (``R`` = total (image, target) rows, x6 with ``aug_smooth``)
   classes, ``target_rank`` for TopK);
 * activation-only methods reuse it, or take a single forward run over the images;
 * FinerCAM adds one run with its own cotangent; ScoreCAM and AblationCAM add their batched
-  masked-input / head-graph runs (see :mod:`camserve.cam.runs`).
+  masked-input / head-graph runs (see :mod:`camserve.cam.runs`);
+* FullGrad, ShapleyCAM and the guided methods add one run of their extra graph over the
+  ``R`` rows (:mod:`camserve.export.extras`); the guided methods also answer pictures.
 
 Alongside each map, the signal ratio of its raw per-layer maps tells a heatmap from float
 rounding noise (see :mod:`camserve.cam.degenerate`); it costs one more batched matmul or
@@ -29,7 +31,8 @@ from camserve.cam.layouts import to_nchw
 from camserve.cam.methods import reduce_terms
 from camserve.cam.registry import MethodSpec, get_method
 from camserve.cam.runs import ablation_weights, scorecam_weights
-from camserve.cam.scaling import combine_layers
+from camserve.cam.guided import guided_pictures
+from camserve.cam.scaling import combine_layers, resize_maps
 from camserve.cam.targets import Rows, Target, expand_targets, finer_cotangent
 
 
@@ -55,6 +58,8 @@ class Explanation:
     cams: dict[str, list[np.ndarray]]
     timings: dict[str, float] = field(default_factory=dict)
     signal_ratio: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: Guided methods: ``pictures[method][i]`` uint8 ``[T_i, H, W, 3]`` RGB (:mod:`camserve.cam.guided`).
+    pictures: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
@@ -125,12 +130,14 @@ def explain(
     rows = expand_targets(targets, n, k)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
+    if aug_smooth and any(s.source == "guided" for s in specs):
+        raise InputError("aug_smooth is not defined for guidedbackprop / guidedgradcam (their answer is a picture)")
     copies = len(AUGMENTATIONS) if aug_smooth else 1
     runs = _Runs(session, augment(images) if aug_smooth else images)
     all_rows = rows.repeat(copies)
     u = n * copies
 
-    if any(s.source == "gradients" for s in specs):
+    if any(s.main_gradients for s in specs):
         out = runs.targets(all_rows, k)
         first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
         logits_u = out.logits[first]
@@ -143,13 +150,27 @@ def explain(
 
     cams: dict[str, list[np.ndarray]] = {}
     ratios: dict[str, list[np.ndarray]] = {}
+    pictures: dict[str, list[np.ndarray]] = {}
     timings: dict[str, float] = {}
     splits = np.cumsum(rows.counts)[:-1]
     for spec in specs:
         method_start, inference_before = time.perf_counter(), runs.seconds
-        per_layer = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k)
-        result = combine_layers([raw for raw, _ in per_layer], size)
-        ratio = combine_ratios([r for _, r in per_layer])
+        if spec.source == "guided":
+            cam = None
+            if spec.name == "guidedgradcam":
+                gradcam = _raw_cams(get_method("gradcam"), runs, out, acts_u, logits_u, all_rows, row_class, row_logits,
+                                    layers, eigen_smooth, k, size)
+                cam = combine_layers([raw for raw, _ in gradcam], size)
+            gb = runs.call(runs.session.run_extra, "guided", runs.images[all_rows.image], all_rows.one_hot(k),
+                           target_rank=all_rows.rank)["guided"]
+            picture, result = guided_pictures(gb, cam)
+            pictures[spec.name] = np.split(picture, splits)
+            ratio = not_applicable(len(all_rows))
+        else:
+            per_layer = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k,
+                                  size)
+            result = combine_layers([raw for raw, _ in per_layer], size)
+            ratio = combine_ratios([r for _, r in per_layer])
         if spec.source == "activations":
             result, ratio = result[all_rows.image], ratio[all_rows.image]
         if aug_smooth:
@@ -162,7 +183,7 @@ def explain(
     timings["inference"] = runs.seconds
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
-                       signal_ratio=ratios)
+                       signal_ratio=ratios, pictures=pictures)
 
 
 def _raw_cams(
@@ -177,6 +198,7 @@ def _raw_cams(
     layers: Sequence[Any],
     eigen_smooth: bool,
     num_classes: int,
+    size: tuple[int, int],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Raw per-layer maps of one method with their signal ratios: ``([R, h, w], [R])`` per
     layer (``[U, h, w]``, ``[U]`` for activation-only)."""
@@ -189,6 +211,16 @@ def _raw_cams(
         cotangent = finer_cotangent(row_logits, row_class)
         finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
         return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
+    if spec.source == "shapley":
+        sh = runs.call(runs.session.extra_outputs, "shapley", runs.images[rows.image], rows.one_hot(num_classes),
+                       target_rank=rows.rank)
+        return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(sh.activations, sh.gradients, layers)]
+    if spec.source == "fullgrad":
+        # the graph's maps are already normalized and summed per resolution; resizing is linear
+        fg = runs.call(runs.session.run_extra, "fullgrad", runs.images[rows.image], rows.one_hot(num_classes),
+                       target_rank=rows.rank)
+        total = sum(resize_maps(v, size) for name, v in fg.items() if name.startswith("fullgrad_"))
+        return [(total, not_applicable(len(rows)))]
     if spec.source == "score":
         raw = []
         for a, l in zip(acts_u, layers):

@@ -10,7 +10,12 @@ class names (``GradCAMPlusPlus`` -> ``gradcam++``, ``KPCA_CAM`` -> ``kpcacam``).
 * ``"activations"`` activations only (one run per image, whatever the targets);
 * ``"finer"``      gradients of FinerCAM's own cotangent (a second graph run);
 * ``"score"``      ScoreCAM's masked-input runs of the graph;
-* ``"ablation"``   AblationCAM's runs of the head graph on ablated activations.
+* ``"ablation"``   AblationCAM's runs of the head graph on ablated activations;
+* ``"fullgrad"``   the ``fullgrad`` extra graph's normalized bias-gradient maps;
+* ``"shapley"``    the ``shapley`` extra graph's ReST gradients minus half their Hessian term;
+* ``"guided"``     the ``guided`` extra graph's guided input gradient (a picture, not only a map).
+
+``extra`` names the export extra (``camserve export --extras``) a method needs.
 
 ``form`` and ``terms`` say how the raw map is built (:mod:`camserve.cam.methods`): a sum
 over channel terms, ``"weights"`` (``sum_c w_c A_c``) or ``"elements"`` (``sum_c E_c``),
@@ -28,7 +33,7 @@ import numpy as np
 from camserve.errors import InputError
 from camserve.cam import methods as m
 
-Source = Literal["gradients", "activations", "finer", "score", "ablation"]
+Source = Literal["gradients", "activations", "finer", "score", "ablation", "fullgrad", "shapley", "guided"]
 RawCam = Callable[..., np.ndarray]
 Terms = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -56,15 +61,21 @@ class MethodSpec:
     summary: str
     form: m.Form = "projection"
     terms: Terms | None = None
+    extra: str | None = None
 
     @property
     def needs_gradients(self) -> bool:
-        return self.source in ("gradients", "finer")
+        return self.source in ("gradients", "finer", "shapley")
 
     @property
     def extra_runs(self) -> bool:
         """Needs graph runs beyond the single explanation run."""
-        return self.source in ("finer", "score", "ablation")
+        return self.source in ("finer", "score", "ablation", "fullgrad", "shapley", "guided")
+
+    @property
+    def main_gradients(self) -> bool:
+        """Needs the main graph's gradient run (Guided Grad-CAM: for its GradCAM map)."""
+        return self.source == "gradients" or self.name == "guidedgradcam"
 
 
 _SPECS = (
@@ -84,6 +95,14 @@ _SPECS = (
     MethodSpec("ablationcam", m.weighted_sum, "ablation", True, "relative score drop when a channel is ablated", "weights"),
     MethodSpec("finercam", m.gradcam, "finer", True, "GradCAM of the target against its most similar classes",
                "weights", m.gradcam_weights),
+    MethodSpec("fullgrad", m.gradcam, "fullgrad", False, "normalized bias-gradients of every layer plus input-gradient",
+               extra="fullgrad"),
+    MethodSpec("shapleycam", m.gradcam, "shapley", True, "gradient minus half the Hessian term, ReST target",
+               "weights", m.gradcam_weights, extra="shapley"),
+    MethodSpec("guidedbackprop", m.gradcam, "guided", False, "input gradient through guided ReLUs (a picture)",
+               extra="guided"),
+    MethodSpec("guidedgradcam", m.gradcam, "guided", True, "GradCAM times the guided input gradient (a picture)",
+               extra="guided"),
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}

@@ -79,6 +79,16 @@ class GraphSession:
         self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
         self._layer_count = len(self.manifest.target_layers)
         self._head: ort.InferenceSession | None = None
+        #: Extra graphs (``camserve export --extras``), loaded now: the export opted in, and a
+        #: first request should not pay for loading them.
+        self.extras: dict[str, ort.InferenceSession] = {}
+        for name, entry in self.manifest.extras.items():
+            path = self.directory / entry["file"]
+            if not path.is_file():
+                raise ManifestError(f"extra graph {path} named by the manifest does not exist")
+            if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+                raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+            self.extras[name] = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
 
     @property
     def head(self) -> ort.InferenceSession:
@@ -109,6 +119,12 @@ class GraphSession:
         one-hot vector of the logit of that rank (0 = top-1), so top-k explanations need
         no separate forward pass; ``None`` means -1 for every row (cotangent as given).
         """
+        feeds = self._feeds(images, cotangent, target_rank)
+        out = self.session.run(None, feeds)
+        m = self._layer_count
+        return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
+
+    def _feeds(self, images: np.ndarray, cotangent: np.ndarray | None, target_rank: np.ndarray | None) -> dict[str, np.ndarray]:
         images = self.check_images(images)
         n, k = images.shape[0], self.manifest.num_outputs
         if cotangent is None:
@@ -120,14 +136,29 @@ class GraphSession:
         target_rank = np.asarray(target_rank, dtype=np.int64)
         if target_rank.shape != (n,) or target_rank.max(initial=-1) >= k:
             raise InputError(f"target_rank must be [{n}] ints below {k}, got {target_rank.tolist()}")
-        feeds = {
+        return {
             "image": images,
             "cotangent": np.ascontiguousarray(cotangent, dtype=np.float32),
             "target_rank": target_rank,
         }
-        out = self.session.run(None, feeds)
+
+    def run_extra(self, name: str, images: np.ndarray, cotangent: np.ndarray | None = None,
+                  target_rank: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Run extra graph ``name`` (same inputs as :meth:`run`); returns its outputs by name."""
+        if name not in self.extras:
+            raise ManifestError(f"this export has no {name!r} graph (re-export with --extras {name})")
+        feeds = self._feeds(images, cotangent, target_rank)
+        session = self.extras[name]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def extra_outputs(self, name: str, images: np.ndarray, cotangent: np.ndarray | None = None,
+                      target_rank: np.ndarray | None = None) -> GraphOutputs:
+        """An extra graph with the main graph's output contract (``shapley``) as GraphOutputs."""
+        out = self.run_extra(name, images, cotangent, target_rank)
         m = self._layer_count
-        return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
+        return GraphOutputs(logits=out["logits"], activations=[out[f"activations_{i}"] for i in range(m)],
+                            gradients=[out[f"gradients_{i}"] for i in range(m)])
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits only (ScoreCAM's masked runs); the zero cotangent makes the backward trivial."""

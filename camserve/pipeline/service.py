@@ -91,6 +91,10 @@ class Service:
             for name in self.methods
             if cam.get_method(name).source == "ablation" and not self.manifest.head_graph_file
         }
+        for name in self.methods:  # FullGrad, ShapleyCAM, guided: an extra graph of the export
+            extra = cam.get_method(name).extra
+            if extra and extra not in self.manifest.extras:
+                self.unavailable[name] = f"it needs the {extra!r} graph (re-export with camserve export --extras {extra})"
         self.labels = list(self.manifest.labels)
         #: Called once per request with :meth:`record` (the audit log's entry point). A hook
         #: that raises a CamserveError turns that request's answer into that error
@@ -159,7 +163,7 @@ class Service:
                     start = time.perf_counter()
                     logits = self.session.run(images).logits
                     timings = {"inference": time.perf_counter() - start, "cam": 0.0}
-                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}}
+                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}}
                 else:
                     methods, aug, eigen = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
@@ -168,7 +172,8 @@ class Service:
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
                     out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams,
-                           "ratios": getattr(exp, "signal_ratio", None) or {}}
+                           "ratios": getattr(exp, "signal_ratio", None) or {},
+                           "pictures": getattr(exp, "pictures", None) or {}}
                     for method in methods:
                         self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
                 self.recorder.inference(timings["inference"])
@@ -184,6 +189,7 @@ class Service:
                     "classes": None if out["classes"] is None else list(out["classes"][pos : pos + n]),
                     "cams": {meth: list(c[pos : pos + n]) for meth, c in out["cams"].items()},
                     "ratios": {meth: list(r[pos : pos + n]) for meth, r in out["ratios"].items()},
+                    "pictures": {meth: list(p[pos : pos + n]) for meth, p in out["pictures"].items()},
                 }
                 m.timings = timings
                 m.batch = len(index)
@@ -224,8 +230,11 @@ class Service:
             self._flag_degenerate(method, summaries, None if ratios is None else ratios[i])
             pngs = render.heatmap_png(cams) if "png" in params.output else None
             raw = render.to_float16(cams) if "array" in params.output else None
+            pictures = result["pictures"].get(method)
             for t, cls in enumerate(classes):
                 entry: dict[str, Any] = {"method": method, "target": self._class(cls, probs), "summary": summaries[t]}
+                if pictures is not None:  # guided methods: the RGB picture at the model's input size
+                    entry["picture"] = base64.b64encode(render.encode_png(pictures[i][t])).decode("ascii")
                 if pngs is not None:
                     entry["png"] = base64.b64encode(pngs[t]).decode("ascii")
                 if "overlay" in params.output:

@@ -57,6 +57,7 @@ def export_files(export_dir: Path) -> tuple[Manifest, list[Path]]:
     files = [export_dir / "manifest.json", export_dir / manifest.graph_file]
     if manifest.head_graph_file:
         files.append(export_dir / manifest.head_graph_file)
+    files += [export_dir / entry["file"] for entry in manifest.extras.values()]  # camserve export --extras
     files += [p for p in (export_dir / f"{f.name}.data" for f in list(files)) if p.is_file()]
     for path in files:
         if not path.is_file():

@@ -1,0 +1,198 @@
+"""Opt-in extra graphs for the methods that need more than activations and gradients.
+
+Each extra is its own ONNX file beside ``model.onnx`` (ONNX Runtime runs a whole graph
+whatever outputs are fetched, so extra outputs in the main graph would slow every other
+method). Every extra graph has the main graph's inputs (``image``, ``cotangent``,
+``target_rank``; the cotangent row is chosen as in :func:`camserve.export.trace.select_cotangent`)
+and answers ``logits`` first:
+
+* ``fullgrad`` (FullGrad): outputs ``fullgrad_<h>x<w>`` ``[N, h, w]``, one per distinct
+  resolution. FullGrad (Srinivas & Fleuret) sums, over every ``Conv2d`` / ``BatchNorm2d`` with
+  a bias (the oracle's choice, in module order; BatchNorm's folded bias
+  ``beta - mean * gamma / sqrt(var + eps)``), the per-(image, channel) min-max normalized
+  ``|b_c * g_c|`` with ``g`` the gradient at the layer's output, plus the normalized input
+  term ``|x * dy/dx|`` per colour channel; every term is resized to the input and the sum
+  min-max normalized. Resizing is linear and comes after the normalization, so the graph
+  sums the normalized terms of equal resolution itself and outputs a few small maps instead
+  of every gradient (53 layers, ~42 MB per 224 px image on ResNet-50).
+* ``guided`` (Guided Backprop): output ``guided`` ``[N, 3, H, W]``, the input gradient with
+  every ``nn.ReLU`` module's backward replaced by ``grad * [x > 0] * [grad > 0]`` (as the
+  oracle: modules only, not functional ``relu``).
+* ``shapley`` (ShapleyCAM, target ReST ``2 z_c - logsumexp(z)``): outputs
+  ``activations_i`` and ``gradients_i = g - hvp / 2`` per target layer, with ``g = dL/dA``
+  and ``hvp = (d^2 L / dA^2) A`` traced as a double backward, so ShapleyCAM's weights are
+  GradCAM's weights of these gradients: ``w_c = mean_ij (g - hvp/2)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from camserve.errors import ExportError
+from camserve.export.trace import leaf_hooks, select_cotangent
+
+EXTRAS: tuple[str, ...] = ("fullgrad", "guided", "shapley")
+Joint = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def check_extras(extras: Sequence[str]) -> list[str]:
+    """The extras named, checked and de-duplicated in :data:`EXTRAS` order."""
+    unknown = [e for e in extras if e not in EXTRAS]
+    if unknown:
+        raise ExportError(f"unknown export extra {unknown[0]!r} (known: {', '.join(EXTRAS)})")
+    return [e for e in EXTRAS if e in extras]
+
+
+# ------------------------------------------------------------------ FullGrad ---
+
+
+def bias_layers(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Every Conv2d / BatchNorm2d (exact types, as the oracle) with a bias, and its bias."""
+    out = []
+    for module in model.modules():
+        if type(module) in (nn.Conv2d, nn.BatchNorm2d) and module.bias is not None:
+            if isinstance(module, nn.BatchNorm2d):
+                bias = module.bias - module.running_mean * module.weight / torch.sqrt(module.running_var + module.eps)
+            else:
+                bias = module.bias
+            out.append((module, bias.detach().clone()))
+    return out
+
+
+@contextlib.contextmanager
+def output_hooks(modules: Sequence[nn.Module], store: list[torch.Tensor]) -> Iterator[None]:
+    """Record each module's output (kept in the graph, not detached); the module returns a
+    copy, so an in-place op after it (ResNet's ``ReLU(inplace=True)``) leaves the record as
+    it was: its gradient is the gradient at the layer's output, as the oracle's hook sees it."""
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        store.append(output)
+        return output.clone()
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_minmax_sum(t: torch.Tensor) -> torch.Tensor:
+    """``sum_c (t_c - min t_c) / (1e-7 + max(t_c - min t_c))`` over [N, C, h, w] -> [N, h, w]."""
+    shifted = t - t.amin(dim=(2, 3), keepdim=True)
+    return (shifted / (1e-7 + shifted.amax(dim=(2, 3), keepdim=True))).sum(dim=1)
+
+
+def fullgrad_layout(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The distinct resolutions of the FullGrad terms (input first), in output order."""
+    layers = bias_layers(model)
+    store: list[torch.Tensor] = []
+    with torch.no_grad(), output_hooks([m for m, _ in layers], store):
+        model(torch.zeros(1, 3, *size))
+    resolutions = [tuple(size)]
+    for out in store:
+        if out.ndim != 4:
+            raise ExportError(f"FullGrad needs 4-d layer outputs, got {list(out.shape)}")
+        if tuple(out.shape[2:]) not in resolutions:
+            resolutions.append(tuple(out.shape[2:]))
+    return resolutions
+
+
+def fullgrad_function(model: nn.Module, size: tuple[int, int]) -> tuple[Joint, list[str]]:
+    """The FullGrad joint function and its output names (``logits`` + one map per resolution)."""
+    layers = bias_layers(model)
+    resolutions = fullgrad_layout(model, size)
+    names = ["logits"] + [f"fullgrad_{h}x{w}" for h, w in resolutions]
+
+    def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        store: list[torch.Tensor] = []
+        with torch.enable_grad():
+            x = image.detach().requires_grad_(True)
+            with output_hooks([m for m, _ in layers], store):
+                logits = model(x)
+            cot = select_cotangent(logits, cotangent, target_rank)
+            grads = torch.autograd.grad((logits * cot).sum(), [x, *store], allow_unused=True)
+        maps = {res: None for res in resolutions}
+        terms = [(x.detach(), grads[0])] + [(b[None, :, None, None], g) for (_, b), g in zip(layers, grads[1:])]
+        for scale, grad in terms:
+            grad = torch.zeros_like(scale.expand_as(x)) if grad is None else grad
+            term = _channel_minmax_sum((scale * grad).abs())
+            res = tuple(term.shape[1:])
+            maps[res] = term if maps[res] is None else maps[res] + term
+        return (logits.detach(), *[maps[r] for r in resolutions])
+
+    return joint, names
+
+
+# ------------------------------------------------------------------- Guided ---
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0).to(grad.dtype) * (grad > 0).to(grad.dtype)
+
+
+@contextlib.contextmanager
+def guided_relus(model: nn.Module) -> Iterator[int]:
+    """Every ``nn.ReLU`` module computes a guided ReLU while active; yields how many."""
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    originals = [m.forward for m in relus]
+    for m in relus:
+        m.forward = _GuidedReLU.apply  # type: ignore[method-assign]
+    try:
+        yield len(relus)
+    finally:
+        for m, fwd in zip(relus, originals):
+            m.forward = fwd  # type: ignore[method-assign]
+
+
+def guided_function(model: nn.Module) -> tuple[Joint, list[str]]:
+    """The Guided Backprop joint function: ``(logits, guided [N, 3, H, W])``."""
+
+    def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad(), guided_relus(model) as count:
+            if count == 0:
+                raise ExportError("Guided Backprop needs nn.ReLU modules; this model has none")
+            x = image.detach().requires_grad_(True)
+            logits = model(x)
+            cot = select_cotangent(logits, cotangent, target_rank)
+            (grad,) = torch.autograd.grad((logits * cot).sum(), [x])
+        return logits.detach(), grad
+
+    return joint, ["logits", "guided"]
+
+
+# ------------------------------------------------------------------ Shapley ---
+
+
+def shapley_function(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[Joint, list[str]]:
+    """ShapleyCAM's joint function: ``(logits, activations_i, g_i - hvp_i / 2, ...)``, ReST target."""
+    names = ["logits"] + [n for i in range(len(layers)) for n in (f"activations_{i}", f"gradients_{i}")]
+
+    def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        store: list[torch.Tensor] = []
+        with torch.enable_grad():
+            with leaf_hooks(layers, store):
+                logits = model(image)
+            cot = select_cotangent(logits, cotangent, target_rank)
+            # ReST: z_c - CE(z, c) = 2 z_c - logsumexp(z) for a one-hot row; rows weighted by cot.
+            rest = 2 * (logits * cot).sum(dim=1) - cot.sum(dim=1) * torch.logsumexp(logits, dim=1)
+            grads = torch.autograd.grad(rest.sum(), store, create_graph=True)
+            hvps = torch.autograd.grad(grads, store, grad_outputs=[a.detach() for a in store], allow_unused=True)
+        outs: list[torch.Tensor] = [logits.detach()]
+        for act, g, hvp in zip(store, grads, hvps):
+            outs += [act.detach(), (g if hvp is None else g - 0.5 * hvp).detach()]
+        return tuple(outs)
+
+    return joint, names
