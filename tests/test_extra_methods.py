@@ -220,8 +220,8 @@ def test_served_by_the_pipeline_and_refused_without_the_extra(tmp_path) -> None:
     from camserve.pipeline.service import Service
 
     export.export_model(tiny_model(0), ["2"], tmp_path / "x", input_size=32, model_name="tiny",
-                        labels=["a", "b", "c", "d", "e"], extras=("fullgrad", "guided", "shapley"), check=True)
-    methods = "fullgrad,shapleycam,guidedbackprop,guidedgradcam"
+                        labels=["a", "b", "c", "d", "e"], extras=("fullgrad", "guided", "shapley"), head=True, check=True)
+    methods = "fullgrad,shapleycam,guidedbackprop,guidedgradcam"  # (the limit is 4 per request)
     request = Request({"image_0": png_bytes(sample_image(3))}, explain_route=True, images_only=True,
                       header_params=json.dumps({"methods": methods, "target": "topk", "topk": 2}))
     (response,) = Service(GraphSession(tmp_path / "x", intra_op_threads=1)).handle([request])
@@ -233,6 +233,13 @@ def test_served_by_the_pipeline_and_refused_without_the_extra(tmp_path) -> None:
         if e["method"].startswith("guided"):
             picture = cv2.imdecode(np.frombuffer(base64.b64decode(e["picture"]), np.uint8), cv2.IMREAD_UNCHANGED)
             assert picture.shape == (32, 32, 3)
+    dff_request = Request({"image_0": png_bytes(sample_image(3))}, explain_route=True, images_only=True,
+                          header_params=json.dumps({"methods": "dff", "components": 2}))
+    (response,) = Service(GraphSession(tmp_path / "x", intra_op_threads=1)).handle([dff_request])
+    concepts = json.loads(response.body)["images"][0]["explanations"]
+    assert response.status == 200 and [e["concept"]["index"] for e in concepts] == [0, 1]
+    assert all(len(e["concept"]["top_classes"]) == 2 and e["target"]["index"] == e["concept"]["top_classes"][0]["index"]
+               for e in concepts)
     (refused,) = Service(GraphSession(tiny_export(tmp_path), intra_op_threads=1)).handle([request])
     error = json.loads(refused.body)["error"]
     assert refused.status == 400 and "--extras fullgrad" in error["message"], error
@@ -240,3 +247,22 @@ def test_served_by_the_pipeline_and_refused_without_the_extra(tmp_path) -> None:
         main(["export", "torchvision:resnet18", "--target-layer", "layer4", "--extras", "fullgrad,bogus",
               "--out", str(tmp_path / "never")])
     assert exit_.value.code == 2
+
+
+def test_dff_from_onnx_outputs_matches_the_oracle(tmp_path) -> None:
+    """DFF through explain (activations from ONNX Runtime, concepts scored by the head graph)
+    vs pytorch-grad-cam's DeepFeatureFactorization with the model's fc on one image."""
+    torch.manual_seed(12)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    export.export_model(model, ["layer4"], tmp_path / "dff", input_size=SIZE, head=True, check=False)
+    session = GraphSession(tmp_path / "dff", intra_op_threads=2)
+    x = images(1, 13)
+    out = explain(session, x, [[0]], ["dff"], components=4)
+    with torch.no_grad():
+        concepts, maps, scores = pgc.DeepFeatureFactorization(model, model.layer4, computation_on_concepts=model.fc)(
+            torch.from_numpy(x), n_components=4)
+    assert float(np.abs(out.cams["dff"][0] - maps[0]).max()) <= TOL
+    probs = torch.softmax(torch.as_tensor(scores), dim=-1).numpy()
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(out.concepts[0]["classes"], top)
+    np.testing.assert_allclose(out.concepts[0]["scores"], np.take_along_axis(probs, top, 1), atol=1e-5)

@@ -31,8 +31,10 @@ from camserve.cam.layouts import to_nchw
 from camserve.cam.methods import reduce_terms
 from camserve.cam.registry import MethodSpec, get_method
 from camserve.cam.runs import ablation_weights, scorecam_weights
+from camserve.cam import dff
+from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
-from camserve.cam.scaling import combine_layers, resize_maps
+from camserve.cam.scaling import combine_layers, minmax, resize_maps
 from camserve.cam.targets import Rows, Target, expand_targets, finer_cotangent
 
 
@@ -60,6 +62,9 @@ class Explanation:
     signal_ratio: dict[str, list[np.ndarray]] = field(default_factory=dict)
     #: Guided methods: ``pictures[method][i]`` uint8 ``[T_i, H, W, 3]`` RGB (:mod:`camserve.cam.guided`).
     pictures: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: DFF: ``cams["dff"][i]`` holds image ``i``'s ``k`` concept maps ``[k, H, W]`` (not one per
+    #: target) and ``concepts[i]`` their classes: ``{"classes": int [k, top], "scores": [k, top]}``.
+    concepts: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
@@ -111,12 +116,14 @@ def explain(
     *,
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
+    components: int = DEFAULT_COMPONENTS,
 ) -> Explanation:
     """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
 
     ``session`` is a :class:`camserve.pipeline.runtime.GraphSession` (or anything with its ``manifest``,
     ``run``, ``logits``, ``head_logits`` and ``check_images``). ``targets[i]`` is a list of
-    class indices or :class:`TopK`. Raises InputError naming a bad method, target or shape.
+    class indices or :class:`TopK`. ``components``: DFF's concepts per image. Raises
+    InputError naming a bad method, target or shape.
     """
     start = time.perf_counter()
     specs = _parse_methods(methods)
@@ -130,8 +137,8 @@ def explain(
     rows = expand_targets(targets, n, k)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
-    if aug_smooth and any(s.source == "guided" for s in specs):
-        raise InputError("aug_smooth is not defined for guidedbackprop / guidedgradcam (their answer is a picture)")
+    if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
+        raise InputError("aug_smooth is not defined for guidedbackprop, guidedgradcam and dff (pictures and concepts)")
     copies = len(AUGMENTATIONS) if aug_smooth else 1
     runs = _Runs(session, augment(images) if aug_smooth else images)
     all_rows = rows.repeat(copies)
@@ -151,10 +158,18 @@ def explain(
     cams: dict[str, list[np.ndarray]] = {}
     ratios: dict[str, list[np.ndarray]] = {}
     pictures: dict[str, list[np.ndarray]] = {}
+    concepts: list[dict[str, np.ndarray]] = []
     timings: dict[str, float] = {}
     splits = np.cumsum(rows.counts)[:-1]
     for spec in specs:
         method_start, inference_before = time.perf_counter(), runs.seconds
+        if spec.source == "dff":
+            start_dff = time.perf_counter()
+            maps, concepts = _dff(runs, acts_u[0][:n], layers[0], size, components)
+            cams["dff"] = list(maps)
+            ratios["dff"] = [not_applicable(len(m)) for m in maps]
+            timings["cam.dff"] = time.perf_counter() - start_dff - (runs.seconds - inference_before)
+            continue
         if spec.source == "guided":
             cam = None
             if spec.name == "guidedgradcam":
@@ -183,7 +198,7 @@ def explain(
     timings["inference"] = runs.seconds
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
-                       signal_ratio=ratios, pictures=pictures)
+                       signal_ratio=ratios, pictures=pictures, concepts=concepts)
 
 
 def _raw_cams(
@@ -232,6 +247,37 @@ def _raw_cams(
     head_images = runs.images if "image" in getattr(runs.session.manifest, "head_inputs", ()) else None
     weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class, head_images)
     return [reduce_terms("weights", weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]
+
+
+def _dff(runs: _Runs, acts: np.ndarray, layer: Any, size: tuple[int, int], components: int
+         ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """DFF of each image: concept maps ``[N, k, H, W]`` in [0, 1] and each concept's top classes.
+
+    The head graph scores a concept vector ``v`` as the activations that equal ``v`` at every
+    position: exact for an average-pool + linear head (ResNet's ``layer4``), the natural
+    reading elsewhere."""
+    if "image" in getattr(runs.session.manifest, "head_inputs", ()):
+        raise InputError("dff needs a head graph that takes the activations alone (the target layer must cut the model)")
+    try:
+        concepts, maps = dff.factorize(to_nchw(acts, layer), components)
+    except ValueError as exc:
+        raise InputError(f"dff: {exc}") from None
+    shape = acts.shape[1:]
+
+    def head(vectors: np.ndarray) -> np.ndarray:
+        if layer.layout == "NCHW":
+            grid = np.broadcast_to(vectors[:, :, None, None], (len(vectors), *shape))
+        elif layer.layout == "NHWC":
+            grid = np.broadcast_to(vectors[:, None, None, :], (len(vectors), *shape))
+        else:
+            grid = np.broadcast_to(vectors[:, None, :], (len(vectors), *shape))
+        return runs.head_logits(np.ascontiguousarray(grid, dtype=np.float32))
+
+    scores = dff.concept_scores(concepts, head)
+    classes, probs = dff.top_classes(scores, dff.DEFAULT_TOP_K)
+    n, k = maps.shape[:2]
+    scaled = resize_maps(minmax(maps.reshape(n * k, *maps.shape[2:])), size).reshape(n, k, *size)
+    return scaled, [{"classes": c, "scores": s} for c, s in zip(classes, probs)]
 
 
 def _layer_map(spec: MethodSpec, a: np.ndarray, g: np.ndarray | None, smooth: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,9 @@ class names (``GradCAMPlusPlus`` -> ``gradcam++``, ``KPCA_CAM`` -> ``kpcacam``).
 * ``"ablation"``   AblationCAM's runs of the head graph on ablated activations;
 * ``"fullgrad"``   the ``fullgrad`` extra graph's normalized bias-gradient maps;
 * ``"shapley"``    the ``shapley`` extra graph's ReST gradients minus half their Hessian term;
-* ``"guided"``     the ``guided`` extra graph's guided input gradient (a picture, not only a map).
+* ``"guided"``     the ``guided`` extra graph's guided input gradient (a picture, not only a map);
+* ``"dff"``        Deep Feature Factorization: per-image NMF of the activations into concepts,
+  each named by the head graph's classes (:mod:`camserve.cam.dff`); maps per concept, not per target.
 
 ``extra`` names the export extra (``camserve export --extras``) a method needs.
 
@@ -33,7 +35,7 @@ import numpy as np
 from camserve.errors import InputError
 from camserve.cam import methods as m
 
-Source = Literal["gradients", "activations", "finer", "score", "ablation", "fullgrad", "shapley", "guided"]
+Source = Literal["gradients", "activations", "finer", "score", "ablation", "fullgrad", "shapley", "guided", "dff"]
 RawCam = Callable[..., np.ndarray]
 Terms = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
@@ -70,7 +72,7 @@ class MethodSpec:
     @property
     def extra_runs(self) -> bool:
         """Needs graph runs beyond the single explanation run."""
-        return self.source in ("finer", "score", "ablation", "fullgrad", "shapley", "guided")
+        return self.source in ("finer", "score", "ablation", "fullgrad", "shapley", "guided", "dff")
 
     @property
     def main_gradients(self) -> bool:
@@ -103,6 +105,7 @@ _SPECS = (
                extra="guided"),
     MethodSpec("guidedgradcam", m.gradcam, "guided", True, "GradCAM times the guided input gradient (a picture)",
                extra="guided"),
+    MethodSpec("dff", m.gradcam, "dff", False, "concepts: per-image NMF of activations, named by the head's classes"),
 )
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}

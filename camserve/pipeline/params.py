@@ -20,6 +20,8 @@ output         ``png``, ``overlay``, ``array``,        ``png`` when explaining, 
 aug_smooth     boolean (true/false/1/0/yes/no)        false
 eigen_smooth   boolean                                false
 explain        boolean: explanations on               true on ``/explanations``, else false
+components     integer 1..32: concepts per image of   16 (pytorch-grad-cam's default)
+               method ``dff`` (only with ``dff``)
 =============  =====================================  =======================================
 
 On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
@@ -35,10 +37,13 @@ from typing import Any, Iterable, Mapping
 
 from camserve.errors import InputError
 
-PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain")
+PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components")
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
 DEFAULT_TOPK = 3
+#: DFF's concepts per image: default (pytorch-grad-cam's) and the most a request may ask.
+DEFAULT_COMPONENTS = 16
+MAX_COMPONENTS = 32
 #: Bounds on every parameter source (header, multipart ``params`` field, query values): a
 #: JSON text or a single value longer than this, or JSON nested deeper than an object of
 #: lists, is refused as ``bad_parameter`` before it is interpreted.
@@ -75,6 +80,7 @@ class RequestParams:
     output: tuple[str, ...] = ("none",)
     aug_smooth: bool = False
     eigen_smooth: bool = False
+    components: int = DEFAULT_COMPONENTS
 
     @property
     def n_targets(self) -> int:
@@ -230,7 +236,7 @@ def parse_params(
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
     known = tuple(known_methods)
-    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth"))
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components"))
     output = _names("output", raw["output"]) if "output" in raw else None
     for form in output or ():
         if form not in OUTPUTS:
@@ -261,7 +267,12 @@ def parse_params(
         output=output or ("png",),
         aug_smooth=_bool("aug_smooth", raw["aug_smooth"]) if "aug_smooth" in raw else False,
         eigen_smooth=_bool("eigen_smooth", raw["eigen_smooth"]) if "eigen_smooth" in raw else False,
+        components=_int("components", raw["components"]) if "components" in raw else DEFAULT_COMPONENTS,
     )
+    if "components" in raw and "dff" not in methods:
+        raise BadParameter("parameter components applies to method dff only")
+    if not 1 <= params.components <= MAX_COMPONENTS:
+        raise BadParameter(f"parameter components={params.components} is out of range (1..{MAX_COMPONENTS})")
     if params.n_targets > max_targets:
         raise BadParameter(f"the request asks for {params.n_targets} targets, more than the limit of {max_targets}")
     if output == ("none",):

@@ -89,7 +89,7 @@ class Service:
         self.unavailable = {
             name: "it needs the head graph (re-export with head=True)"
             for name in self.methods
-            if cam.get_method(name).source == "ablation" and not self.manifest.head_graph_file
+            if cam.get_method(name).source in ("ablation", "dff") and not self.manifest.head_graph_file
         }
         for name in self.methods:  # FullGrad, ShapleyCAM, guided: an extra graph of the export
             extra = cam.get_method(name).extra
@@ -151,7 +151,7 @@ class Service:
         groups: dict[tuple, list[_Item]] = {}
         for item in items:
             p = item.params
-            key = (p.methods, p.aug_smooth, p.eigen_smooth) if p.explain else ("predict",)
+            key = (p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0) if p.explain else ("predict",)
             groups.setdefault(key, []).append(item)
         results: dict[int, dict[str, Any]] = {}
         for key, members in groups.items():
@@ -163,17 +163,19 @@ class Service:
                     start = time.perf_counter()
                     logits = self.session.run(images).logits
                     timings = {"inference": time.perf_counter() - start, "cam": 0.0}
-                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}}
+                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}, "concepts": []}
                 else:
-                    methods, aug, eigen = key
+                    methods, aug, eigen, components = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
                     start = time.perf_counter()
-                    exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug)
+                    extra = {"components": components} if "dff" in methods else {}
+                    exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug, **extra)
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
                     out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams,
                            "ratios": getattr(exp, "signal_ratio", None) or {},
-                           "pictures": getattr(exp, "pictures", None) or {}}
+                           "pictures": getattr(exp, "pictures", None) or {},
+                           "concepts": getattr(exp, "concepts", None) or []}
                     for method in methods:
                         self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
                 self.recorder.inference(timings["inference"])
@@ -190,6 +192,7 @@ class Service:
                     "cams": {meth: list(c[pos : pos + n]) for meth, c in out["cams"].items()},
                     "ratios": {meth: list(r[pos : pos + n]) for meth, r in out["ratios"].items()},
                     "pictures": {meth: list(p[pos : pos + n]) for meth, p in out["pictures"].items()},
+                    "concepts": list(out["concepts"][pos : pos + n]),
                 }
                 m.timings = timings
                 m.batch = len(index)
@@ -231,8 +234,15 @@ class Service:
             pngs = render.heatmap_png(cams) if "png" in params.output else None
             raw = render.to_float16(cams) if "array" in params.output else None
             pictures = result["pictures"].get(method)
-            for t, cls in enumerate(classes):
+            # DFF answers one entry per concept, its target the concept's top class
+            concepts = result["concepts"][i] if method == "dff" else None
+            targets = classes if concepts is None else [int(c) for c in concepts["classes"][:, 0]]
+            for t, cls in enumerate(targets):
                 entry: dict[str, Any] = {"method": method, "target": self._class(cls, probs), "summary": summaries[t]}
+                if concepts is not None:
+                    entry["concept"] = {"index": t, "top_classes": [  # score: softmax of the head on the concept
+                        {**self._class(int(c), probs), "score": round(float(s), 6)}
+                        for c, s in zip(concepts["classes"][t], concepts["scores"][t])]}
                 if pictures is not None:  # guided methods: the RGB picture at the model's input size
                     entry["picture"] = base64.b64encode(render.encode_png(pictures[i][t])).decode("ascii")
                 if pngs is not None:
