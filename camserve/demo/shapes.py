@@ -314,7 +314,7 @@ def write_samples(directory: str | Path, n: int = 8, seed: int = 7, size: int = 
 
 def export_shapes_model(model: torch.nn.Module, info: ShapesModelInfo, out_dir: str | Path, *,
                         model_name: str = "shapes", model_version: str = "1.0", head: bool = False,
-                        check: bool = True, threads: int = 1) -> Any:
+                        check: bool = True, threads: int = 1, extras: tuple[str, ...] = ()) -> Any:
     """Export a trained shapes model with ``camserve.export.export_model`` (target layer,
     labels, mean/std and input size from ``info``); torch on ``threads`` threads meanwhile
     (see :func:`train_shapes_model` for why one). Returns the Manifest."""
@@ -327,6 +327,6 @@ def export_shapes_model(model: torch.nn.Module, info: ShapesModelInfo, out_dir: 
     try:
         return export_model(model, [info.target_layer], out_dir, input_size=info.input_size,
                             labels=list(info.labels), model_name=model_name, model_version=model_version,
-                            mean=info.mean, std=info.std, head=head, check=check)
+                            mean=info.mean, std=info.std, head=head, check=check, extras=extras)
     finally:
         torch.set_num_threads(previous)
