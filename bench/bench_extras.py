@@ -9,11 +9,13 @@ target class 3, ONNX Runtime CPU and torch with ``--threads`` threads each.
 
 1. Graph time, per batch: the forward-only graph (``export_graph``, logits only), the explain
    graph ``model.onnx`` (``GraphSession.run``), each extra graph (``run_extra``), and the graph
-   time of ``explain()`` per new method (``timings["inference"]``: every run it makes; FullGrad
-   and the guided methods also run ``model.onnx`` for logits). Ratios vs forward and vs the
+   time of ``explain()`` per new method (``timings["inference"]``: every run it makes; FullGrad,
+   ShapleyCAM and Guided Backprop run their extra graph only, Guided Grad-CAM also ``model.onnx``
+   for its GradCAM). Ratios vs forward and vs the
    explain graph. Goals: fullgrad.onnx <= 1.6x forward, guided.onnx <= 2.2x, ShapleyCAM's
-   explain() runs (model.onnx + shapley.onnx) <= 2.2x.
-2. Peak RSS of one ORT session per graph, each in a fresh child process: VmHWM after loading,
+   explain() runs <= 2.2x.
+2. Peak RSS of one ORT session per graph (with the options GraphSession gives it: extra graphs
+   basic optimizations only), each in a fresh child process: VmHWM after loading,
    and after one batch-1 run (not ``ru_maxrss``: a child's includes the parent's RSS at fork), minus a baseline child that imports the same modules
    (numpy, onnxruntime, camserve's session options) and loads nothing. Goal: extra <= 1.3x
    model.onnx.
@@ -148,7 +150,7 @@ def graph_section(name, session, forward, size, batches, repeats, threads) -> li
 
 def memory_child(graph: str, threads: int) -> None:
     """Child process: load one session (or nothing: baseline), run one batch-1, print peaks in MB."""
-    from camserve.pipeline.runtime import session_options
+    from camserve.pipeline.runtime import extra_session_options, session_options
 
     def peak() -> float:  # not ru_maxrss: it keeps the parent's RSS at fork (the bench's own GBs)
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -158,7 +160,10 @@ def memory_child(graph: str, threads: int) -> None:
 
     out = {"load_mb": peak(), "run_mb": peak()}
     if graph:
-        sess = ort.InferenceSession(graph, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        # the options GraphSession gives each graph: extra graphs get basic optimizations only
+        extra = Path(graph).stem in ("fullgrad", "guided", "shapley")
+        options = extra_session_options(threads) if extra else session_options(threads)
+        sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
         out["load_mb"] = peak()
         feeds = {}
         for i in sess.get_inputs():

@@ -64,13 +64,16 @@ def bias_layers(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
 
 
 @contextlib.contextmanager
-def output_hooks(modules: Sequence[nn.Module], store: list[torch.Tensor]) -> Iterator[None]:
-    """Record each module's output (kept in the graph, not detached); the module returns a
-    copy, so an in-place op after it (ResNet's ``ReLU(inplace=True)``) leaves the record as
-    it was: its gradient is the gradient at the layer's output, as the oracle's hook sees it."""
+def output_hooks(modules: Sequence[nn.Module], store: list[tuple[nn.Module, torch.Tensor]]) -> Iterator[None]:
+    """Record ``(module, output)`` for every call (kept in the graph, not detached); the module
+    returns a copy, so an in-place op after it (ResNet's ``ReLU(inplace=True)``) leaves the
+    record as it was: its gradient is the gradient at the layer's output, as the oracle's hook
+    sees it. Outputs are paired with their module, not by position: a layer that does not
+    run (inception_v3's auxiliary head in eval) or runs out of registration order cannot shift
+    the pairing (the oracle's zip does, pytorch-grad-cam #371)."""
 
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
-        store.append(output)
+    def hook(module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        store.append((module, output))
         return output.clone()
 
     handles = [m.register_forward_hook(hook) for m in modules]
@@ -90,11 +93,11 @@ def _channel_minmax_sum(t: torch.Tensor) -> torch.Tensor:
 def fullgrad_layout(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, int]]:
     """The distinct resolutions of the FullGrad terms (input first), in output order."""
     layers = bias_layers(model)
-    store: list[torch.Tensor] = []
+    store: list[tuple[nn.Module, torch.Tensor]] = []
     with torch.no_grad(), output_hooks([m for m, _ in layers], store):
         model(torch.zeros(1, 3, *size))
     resolutions = [tuple(size)]
-    for out in store:
+    for _, out in store:
         if out.ndim != 4:
             raise ExportError(f"FullGrad needs 4-d layer outputs, got {list(out.shape)}")
         if tuple(out.shape[2:]) not in resolutions:
@@ -105,19 +108,20 @@ def fullgrad_layout(model: nn.Module, size: tuple[int, int]) -> list[tuple[int, 
 def fullgrad_function(model: nn.Module, size: tuple[int, int]) -> tuple[Joint, list[str]]:
     """The FullGrad joint function and its output names (``logits`` + one map per resolution)."""
     layers = bias_layers(model)
+    bias = {id(m): b for m, b in layers}
     resolutions = fullgrad_layout(model, size)
     names = ["logits"] + [f"fullgrad_{h}x{w}" for h, w in resolutions]
 
     def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        store: list[torch.Tensor] = []
+        store: list[tuple[nn.Module, torch.Tensor]] = []
         with torch.enable_grad():
             x = image.detach().requires_grad_(True)
             with output_hooks([m for m, _ in layers], store):
                 logits = model(x)
             cot = select_cotangent(logits, cotangent, target_rank)
-            grads = torch.autograd.grad((logits * cot).sum(), [x, *store], allow_unused=True)
+            grads = torch.autograd.grad((logits * cot).sum(), [x, *[out for _, out in store]], allow_unused=True)
         maps = {res: None for res in resolutions}
-        terms = [(x.detach(), grads[0])] + [(b[None, :, None, None], g) for (_, b), g in zip(layers, grads[1:])]
+        terms = [(x.detach(), grads[0])] + [(bias[id(m)][None, :, None, None], g) for (m, _), g in zip(store, grads[1:])]
         for scale, grad in terms:
             grad = torch.zeros_like(scale.expand_as(x)) if grad is None else grad
             term = _channel_minmax_sum((scale * grad).abs())

@@ -83,6 +83,14 @@ class _Runs:
 
     def __init__(self, session: Any, images: np.ndarray) -> None:
         self.session, self.images, self.seconds = session, images, 0.0
+        self._extras: dict[str, dict[str, np.ndarray]] = {}
+
+    def extra(self, name: str, rows: Rows, num_classes: int) -> dict[str, np.ndarray]:
+        """Extra graph ``name`` over the rows (run once per explanation; both guided methods share it)."""
+        if name not in self._extras:
+            self._extras[name] = self.call(self.session.run_extra, name, self.images[rows.image], rows.one_hot(num_classes),
+                                           target_rank=rows.rank)
+        return self._extras[name]
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -144,11 +152,16 @@ def explain(
     all_rows = rows.repeat(copies)
     u = n * copies
 
+    first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
     if any(s.main_gradients for s in specs):
         out = runs.targets(all_rows, k)
-        first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
         logits_u = out.logits[first]
         acts_u = [a[first] for a in out.activations]
+    elif all(s.extra for s in specs):
+        # only extra-graph methods: the first one's run over the rows gives the logits too,
+        # so the main graph does not run at all
+        out, acts_u = None, []
+        logits_u = runs.extra(specs[0].extra, all_rows, k)["logits"][first]
     else:
         out = runs.forward()
         logits_u, acts_u = out.logits, out.activations
@@ -176,8 +189,7 @@ def explain(
                 gradcam = _raw_cams(get_method("gradcam"), runs, out, acts_u, logits_u, all_rows, row_class, row_logits,
                                     layers, eigen_smooth, k, size)
                 cam = combine_layers([raw for raw, _ in gradcam], size)
-            gb = runs.call(runs.session.run_extra, "guided", runs.images[all_rows.image], all_rows.one_hot(k),
-                           target_rank=all_rows.rank)["guided"]
+            gb = runs.extra("guided", all_rows, k)["guided"]
             picture, result = guided_pictures(gb, cam)
             pictures[spec.name] = np.split(picture, splits)
             ratio = not_applicable(len(all_rows))
@@ -227,13 +239,12 @@ def _raw_cams(
         finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
         return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
     if spec.source == "shapley":
-        sh = runs.call(runs.session.extra_outputs, "shapley", runs.images[rows.image], rows.one_hot(num_classes),
-                       target_rank=rows.rank)
-        return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(sh.activations, sh.gradients, layers)]
+        sh = runs.extra("shapley", rows, num_classes)
+        return [_layer_map(spec, to_nchw(sh[f"activations_{i}"], l), to_nchw(sh[f"gradients_{i}"], l), smooth)
+                for i, l in enumerate(layers)]
     if spec.source == "fullgrad":
         # the graph's maps are already normalized and summed per resolution; resizing is linear
-        fg = runs.call(runs.session.run_extra, "fullgrad", runs.images[rows.image], rows.one_hot(num_classes),
-                       target_rank=rows.rank)
+        fg = runs.extra("fullgrad", rows, num_classes)
         total = sum(resize_maps(v, size) for name, v in fg.items() if name.startswith("fullgrad_"))
         return [(total, not_applicable(len(rows)))]
     if spec.source == "score":

@@ -47,6 +47,16 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+def extra_session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Options of the extra graphs (``camserve export --extras``): basic optimizations only.
+    With all of them ORT keeps fused copies of the weights beside the unfused ones the
+    input-gradient backward needs (resnet50 ``fullgrad.onnx``: 485 MB at load, 390 MB basic,
+    the main graph 313 MB; no slower, ``bench/bench_extras.py``)."""
+    opts = session_options(intra_op_threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return opts
+
+
 @dataclass(frozen=True)
 class GraphOutputs:
     """One batch's answer: logits [N, K] and, per target layer, activations and gradients."""
@@ -82,13 +92,14 @@ class GraphSession:
         #: Extra graphs (``camserve export --extras``), loaded now: the export opted in, and a
         #: first request should not pay for loading them.
         self.extras: dict[str, ort.InferenceSession] = {}
+        extra_options = extra_session_options(intra_op_threads)
         for name, entry in self.manifest.extras.items():
             path = self.directory / entry["file"]
             if not path.is_file():
                 raise ManifestError(f"extra graph {path} named by the manifest does not exist")
             if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
-            self.extras[name] = ort.InferenceSession(str(path), sess_options=self.options, providers=self.providers)
+            self.extras[name] = ort.InferenceSession(str(path), sess_options=extra_options, providers=self.providers)
 
     @property
     def head(self) -> ort.InferenceSession:
