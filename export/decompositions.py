@@ -9,6 +9,9 @@ computes the input gradient with forward ops that ONNX has:
 - ``_safe_softmax`` (see ``_plain_softmax``).
 - ``_adaptive_avg_pool2d_backward``: each output gradient spread evenly over its pooling
   window, written as two small constant matrices ``P_h^T @ g @ P_w``.
+- ``avg_pool2d_backward`` (inception_v3's branches; only a backward to the input, as for
+  FullGrad and Guided Backprop, meets it): the gradient divided by each window's divisor,
+  spread by a depthwise transposed convolution with a ones kernel.
 """
 
 from __future__ import annotations
@@ -64,6 +67,28 @@ def _adaptive_avg_pool2d_input_grad(grad_output, self):
     return torch.matmul(torch.matmul(ph.t(), grad_output), pw)
 
 
+def _avg_pool2d_input_grad(grad_output, self, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                           divisor_override=None):
+    kh, kw = kernel_size if len(kernel_size) == 2 else (kernel_size[0], kernel_size[0])
+    sh, sw = (stride if len(stride) == 2 else (stride[0], stride[0])) if stride else (kh, kw)
+    ph, pw = padding if len(padding) == 2 else (padding[0], padding[0])
+    channels = int(self.shape[1])
+    if ceil_mode:
+        raise NotImplementedError("avg_pool2d_backward with ceil_mode=True has no ONNX decomposition here")
+    if divisor_override:
+        grad = grad_output / float(divisor_override)
+    elif count_include_pad:
+        grad = grad_output / float(kh * kw)
+    else:  # the padding not counted: count each window's cells
+        ones = torch.ones((1, 1, int(self.shape[2]), int(self.shape[3])), dtype=grad_output.dtype)
+        counts = aten.avg_pool2d(ones, [kh, kw], [sh, sw], [ph, pw], False, True) * float(kh * kw)
+        grad = grad_output / counts
+    weight = torch.ones((channels, 1, kh, kw), dtype=grad_output.dtype)
+    out_pad = [int(self.shape[2]) - ((int(grad_output.shape[2]) - 1) * sh - 2 * ph + kh),
+               int(self.shape[3]) - ((int(grad_output.shape[3]) - 1) * sw - 2 * pw + kw)]
+    return aten.convolution(grad, weight, None, [sh, sw], [ph, pw], [1, 1], True, out_pad, channels)
+
+
 def _plain_softmax(x, dim, dtype=None):
     # The math attention backend calls _safe_softmax, which zeroes rows that are all -inf
     # (fully masked). Image classifiers mask no whole row, and the where/equal/reduce ops
@@ -78,4 +103,5 @@ def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
     table[aten._safe_softmax.default] = _plain_softmax
     table[aten.convolution_backward.default] = _conv_input_grad
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool2d_input_grad
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_input_grad
     return table

@@ -266,3 +266,66 @@ def test_dff_from_onnx_outputs_matches_the_oracle(tmp_path) -> None:
     top = np.argsort(-probs, axis=1, kind="stable")[:, :2]
     np.testing.assert_array_equal(out.concepts[0]["classes"], top)
     np.testing.assert_allclose(out.concepts[0]["scores"], np.take_along_axis(probs, top, 1), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fullgrad_on_inception_v3_where_the_oracle_breaks(tmp_path) -> None:
+    """pytorch-grad-cam pairs bias layers with gradients by position and fails on inception_v3
+    (#371: its auxiliary head's BatchNorms never run in eval, 96 biases vs 94 gradients).
+    camserve pairs each output with its module: checked against a direct PyTorch FullGrad
+    (gradients by module, per-channel min-max, cv2 resize, sum, min-max)."""
+    import cv2
+
+    from camserve.export.extras import bias_layers
+
+    torch.manual_seed(14)
+    model = randomize_bn(torchvision.models.inception_v3(num_classes=10, init_weights=True), 14).eval()
+    size = 96
+    export.export_model(model, ["Mixed_7c"], tmp_path / "inc", input_size=size, extras=("fullgrad",), check=False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    x = np.random.default_rng(15).standard_normal((1, 3, size, size)).astype(np.float32)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(AssertionError):
+        with pgc.FullGrad(model, []) as oracle:
+            oracle(torch.from_numpy(x), [ClassifierOutputTarget(2)])
+
+    ours = explain(GraphSession(tmp_path / "inc", intra_op_threads=2), x, [[2]], ["fullgrad"]).cams["fullgrad"][0][0]
+    layers = dict((id(m), b) for m, b in bias_layers(model))
+    outs: list = []
+    # a copy goes on: BasicConv2d's in-place ReLU would otherwise turn the recorded BN output
+    # into the ReLU's (pytorch-grad-cam's tensor hooks see the gradient before it, as here)
+    hooks = [m.register_forward_hook(lambda m, _i, o: outs.append((m, o)) or o.clone()) for m, _ in bias_layers(model)]
+    xt = torch.from_numpy(x).requires_grad_(True)
+    logits = model(xt)
+    grads = torch.autograd.grad(logits[0, 2], [xt, *[o for _, o in outs]])
+    for h in hooks:
+        h.remove()
+
+    def norm_resize(t: np.ndarray) -> np.ndarray:  # [C, h, w] -> sum_c resize(minmax(t_c))
+        t = t - t.min(axis=(1, 2), keepdims=True)
+        t = t / (1e-7 + t.max(axis=(1, 2), keepdims=True))
+        return sum(cv2.resize(np.float32(c), (size, size)) for c in t)
+
+    total = norm_resize(np.abs(x[0] * grads[0][0].numpy()))
+    for (m, _), g in zip(outs, grads[1:]):
+        total = total + norm_resize(np.abs(layers[id(m)][:, None, None].numpy() * g[0].numpy()))
+    total = (total - total.min()) / (1e-7 + (total - total.min()).max())
+    assert len(outs) == 94 and len(layers) == 96
+    assert float(np.abs(ours - total).max()) <= 2e-3  # ONNX Runtime, as FULLGRAD_ORT_TOL
+
+
+@pytest.mark.parametrize("args", [((3, 3), (1, 1), (1, 1), True), ((3, 3), (2, 2), (1, 1), False),
+                                  ((3, 3), (1, 1), (1, 1), False), ((2, 2), (2, 2), (0, 0), True)])
+def test_avg_pool2d_backward_decomposition(args) -> None:
+    """The input gradient an input-gradient graph traces through avg_pool2d (inception_v3)."""
+    from camserve.export.decompositions import _avg_pool2d_input_grad
+
+    kernel, stride, padding, count_pad = args
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    y = torch.nn.functional.avg_pool2d(x, kernel, stride, padding, False, count_pad)
+    g = torch.randn_like(y)
+    (ref,) = torch.autograd.grad(y, x, g)
+    ours = _avg_pool2d_input_grad(g, x.detach(), list(kernel), list(stride), list(padding), False, count_pad)
+    assert float((ours - ref).abs().max()) <= 1e-6
+    with pytest.raises(NotImplementedError, match="ceil_mode"):
+        _avg_pool2d_input_grad(g, x.detach(), list(kernel), list(stride), list(padding), True, count_pad)
