@@ -329,3 +329,13 @@ def test_avg_pool2d_backward_decomposition(args) -> None:
     assert float((ours - ref).abs().max()) <= 1e-6
     with pytest.raises(NotImplementedError, match="ceil_mode"):
         _avg_pool2d_input_grad(g, x.detach(), list(kernel), list(stride), list(padding), True, count_pad)
+
+
+def test_cli_lists_every_method_with_what_it_needs(capsys) -> None:
+    from camserve.cam import available_methods
+    from camserve.cli import main
+
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in __import__("json").loads(capsys.readouterr().out)}
+    assert list(rows) == available_methods()
+    assert "--extras fullgrad" in rows["fullgrad"]["needs"] and "--head" in rows["dff"]["needs"]
