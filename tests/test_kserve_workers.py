@@ -50,17 +50,25 @@ def test_two_workers_share_the_port_the_metrics_and_the_audit_chain(tmp_path):
         def predict(_: int) -> int:
             return http("POST", f"{state['url']}/v1/models/tiny:predict", body, {"Content-Type": "application/json"})[0]
 
-        with cf.ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(predict, range(80))) == {200}
+        # The kernel hands each connection to whichever worker accepts first; on a busy machine
+        # one may take a whole burst, so bursts go on until both have answered (or 120 s).
+        sent, deadline = 0, time.monotonic() + 120
+        while True:
+            with cf.ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(predict, range(40))) == {200}
+            sent += 40
+            time.sleep(0.6)  # one publication of every process's counters
+            if sum(1 for c in worker_counts(run).values() if c > 0) == 2 or time.monotonic() > deadline:
+                break
         deadline = time.monotonic() + 30
         while True:  # every process publishes twice a second; a scrape sums them
             samples = parse_prometheus(http("GET", f"{state['url']}/metrics")[2].decode())
             total = sum(v for (name, _labels), v in samples.items() if name == "camserve_requests_total")
             counts = worker_counts(run)
-            if total == 80 and sum(counts.values()) == 80 or time.monotonic() > deadline:
+            if total == sent and sum(counts.values()) == sent or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
-        assert total == 80 and sum(counts.values()) == 80, (total, counts)
+        assert total == sent and sum(counts.values()) == sent, (sent, total, counts)
         assert sum(1 for c in counts.values() if c > 0) == 2, counts  # both workers answered
 
         # a worker that dies is replaced by kserve; the port keeps answering
@@ -79,7 +87,7 @@ def test_two_workers_share_the_port_the_metrics_and_the_audit_chain(tmp_path):
 
     sink = open_sink(AuditConfig(path=str(run / "audit")))
     try:
-        assert len(list(sink.rows())) == 100
+        assert len(list(sink.rows())) == sent + 20
     finally:
         sink.close()
     assert main(["audit", "verify", "--run-dir", str(run)]) == 0
