@@ -103,7 +103,8 @@ class CamserveModel(Model):
     def get_output_types(self) -> list[dict[str, Any]]:
         h, w = self.service.manifest.input_size if self.service else (-1, -1)
         outputs = [{"name": ANSWER, "datatype": "BYTES", "shape": [-1]}]
-        methods = self.service.methods if self.service else ()
+        # only the methods this export can answer (not those needing an extra or head graph it lacks)
+        methods = [m for m in self.service.methods if m not in self.service.unavailable] if self.service else ()
         return outputs + [{"name": f"cam_{m}", "datatype": "FP32", "shape": [-1, -1, h, w]} for m in methods]
 
     # ------------------------------------------------------------------- routes ---
