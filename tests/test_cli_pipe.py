@@ -55,3 +55,9 @@ def test_shell_pipeline_into_head(audit_path):
                           capture_output=True, text=True, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"}, timeout=120)
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2
     assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+def test_methods_ends_quietly_when_the_reader_goes_away():
+    code, stderr = piped(["methods", "--json"])
+    assert "Traceback" not in stderr, stderr
+    assert code in (0, 141)
