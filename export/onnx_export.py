@@ -107,7 +107,8 @@ def strip_weight_expands(model: onnx.ModelProto) -> onnx.ModelProto:
     """Feed MatMul the 2-d weight itself where the trace expanded it to the batch.
 
     ``nn.MultiheadAttention``'s packed projection traces to ``MatMul(x, Expand(W))`` in
-    the forward and ``MatMul(g, Transpose(Expand(W)))`` in the backward. ONNX MatMul
+    the forward, ``MatMul(g, Transpose(Expand(W)))`` in the backward and longer chains of
+    Expands and last-two-axes Transposes in ShapleyCAM's double backward. ONNX MatMul
     broadcasts a 2-d operand by itself, and each Expand costs a copy of the weight per
     token at run time (and gigabytes of constant folding at load), so the Expand is
     bypassed (a 2-d Transpose stands in for the batched one) and then removed.
@@ -116,27 +117,40 @@ def strip_weight_expands(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
 
-    def expanded_weight(name: str) -> str | None:
-        src = producers.get(name)
-        if src is not None and src.op_type == "Expand" and src.input[0] in inits and len(inits[src.input[0]].dims) == 2:
-            return src.input[0]
+    def weight_2d(name: str, depth: int = 0) -> tuple[str, bool] | None:
+        """(2-d initializer, transposed?) behind ``name``, seen through Expands (MatMul broadcasts
+        a 2-d operand itself) and Transposes of the last two axes; None if it is anything else."""
+        if name in inits and len(inits[name].dims) == 2:
+            return name, False
+        node = producers.get(name)
+        if node is None or depth > 8:
+            return None
+        if node.op_type == "Expand":
+            return weight_2d(node.input[0], depth + 1)
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            rank = len(perm or ())
+            if perm is not None and rank >= 2 and perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
+                inner = weight_2d(node.input[0], depth + 1)
+                return None if inner is None else (inner[0], not inner[1])
         return None
+
+    def expanded(name: str, depth: int = 0) -> bool:
+        """Whether an Expand is on the way to the weight (only then is there a copy to save)."""
+        node = producers.get(name)
+        return node is not None and depth <= 8 and (node.op_type == "Expand" or (
+            node.op_type == "Transpose" and expanded(node.input[0], depth + 1)))
 
     added: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.op_type != "MatMul":
+        if node.op_type != "MatMul" or not expanded(node.input[1]):
             continue
-        operand = node.input[1]
-        weight = expanded_weight(operand)
-        if weight is not None:
+        found = weight_2d(node.input[1])
+        if found is None:
+            continue
+        weight, transposed = found
+        if not transposed:
             node.input[1] = weight
-            continue
-        transpose = producers.get(operand)
-        if transpose is None or transpose.op_type != "Transpose":
-            continue
-        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
-        weight = expanded_weight(transpose.input[0])
-        if weight is None or perm is None or perm[-2:] != [len(perm) - 1, len(perm) - 2]:
             continue
         flipped = f"{weight}__T"
         if flipped not in producers:
