@@ -1,4 +1,4 @@
-"""``python -m camserve.demo.run`` (what ``make demo`` runs), end to end in a subprocess.
+"""``python -m camserve.demo`` (what ``make demo`` runs), end to end in a subprocess.
 
 One real run: training, export, archive, a real TorchServe on free loopback ports, HTTP
 requests through the client code, overlays, JSON answers and the contact sheet; then no
@@ -29,7 +29,7 @@ STRIP = 18
 
 def run_demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "ORT_DISABLE_TELEMETRY": "1"}
-    return subprocess.run([sys.executable, "-m", "camserve.demo.run", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "camserve.demo", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=Path(__file__).resolve().parent.parent)
 
 

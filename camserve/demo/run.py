@@ -301,7 +301,7 @@ def print_summary(s: dict[str, Any], out: Path, log: Callable[[str], None]) -> N
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m camserve.demo.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m camserve.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--samples", type=int, default=12, help="sample images to explain (default 12)")
     p.add_argument("--sample-size", type=int, default=128, help="sample image side in pixels (default 128)")
