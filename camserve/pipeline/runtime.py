@@ -100,6 +100,7 @@ class GraphSession:
             if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
             self.extras[name] = ort.InferenceSession(str(path), sess_options=extra_options, providers=self.providers)
+        self._extra_outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.extras.items()}
 
     @property
     def head(self) -> ort.InferenceSession:
@@ -160,16 +161,7 @@ class GraphSession:
             raise ManifestError(f"this export has no {name!r} graph (re-export with --extras {name})")
         feeds = self._feeds(images, cotangent, target_rank)
         session = self.extras[name]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
-
-    def extra_outputs(self, name: str, images: np.ndarray, cotangent: np.ndarray | None = None,
-                      target_rank: np.ndarray | None = None) -> GraphOutputs:
-        """An extra graph with the main graph's output contract (``shapley``) as GraphOutputs."""
-        out = self.run_extra(name, images, cotangent, target_rank)
-        m = self._layer_count
-        return GraphOutputs(logits=out["logits"], activations=[out[f"activations_{i}"] for i in range(m)],
-                            gradients=[out[f"gradients_{i}"] for i in range(m)])
+        return dict(zip(self._extra_outputs[name], session.run(None, feeds)))
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits only (ScoreCAM's masked runs); the zero cotangent makes the backward trivial."""

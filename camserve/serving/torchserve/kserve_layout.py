@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from camserve.config import Config, load_config
 
@@ -32,23 +31,12 @@ PORTS = {"inference": 8085, "management": 8081, "metrics": 8082, "grpc_inference
 def layout_properties(layout: Path, *, mount: str = MOUNT, host: str = "0.0.0.0",
                       ports: dict[str, int] | None = None, config: Config | None = None) -> str:
     """``config.properties`` for every archive in ``layout/model-store`` (paths under ``mount``)."""
-    from camserve.serving.torchserve.server import mar_identity, version_key
+    from camserve.serving.torchserve.server import limit_properties, model_entries
 
     config = config or load_config()
     ports = {**PORTS, **(ports or {})}
-    models: dict[str, dict[str, Any]] = {}
-    for mar in sorted((layout / "model-store").glob("*.mar")):
-        name, version = mar_identity(mar)
-        models.setdefault(name, {})[version] = {
-            "marName": mar.name,
-            "minWorkers": 1,
-            "maxWorkers": 1,
-            "batchSize": 1,
-            "maxBatchDelay": 0,
-            "responseTimeout": config.server.response_timeout_s,
-        }
-    for versions in models.values():
-        versions[max(versions, key=version_key)]["defaultVersion"] = True
+    models = model_entries(sorted((layout / "model-store").glob("*.mar")), workers=1, batch_size=1,
+                           max_batch_delay_ms=0, response_timeout_s=config.server.response_timeout_s)
     snapshot = {"name": "startup.cfg", "modelCount": sum(len(v) for v in models.values()), "models": models}
     lines = {
         "inference_address": f"http://{host}:{ports['inference']}",
@@ -66,11 +54,7 @@ def layout_properties(layout: Path, *, mount: str = MOUNT, host: str = "0.0.0.0"
         "metrics_config": f"{mount}/config/metrics.yaml",
         "model_store": f"{mount}/model-store",
         "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
-        "max_request_size": config.frontend_max_request_bytes,
-        "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
-        "default_response_timeout": config.server.response_timeout_s,
-        "install_py_dep_per_model": "false",
-        "disable_system_metrics": "true",
+        **limit_properties(config),
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 

@@ -131,23 +131,44 @@ def check_ports(config: Config, inference_host: str | None = None) -> None:
                 ) from None
 
 
-def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path], inference_host: str | None) -> str:
-    """The generated ``config.properties`` text."""
-    s = config.server
-    host = s.host
+def model_entries(mars: list[Path], *, workers: int, batch_size: int, max_batch_delay_ms: int,
+                  response_timeout_s: int) -> dict[str, dict[str, Any]]:
+    """``{name: {version: settings}}`` of the archives, as config.properties lists models;
+    the highest version of each name is the default (it answers ``/predictions/NAME``)."""
     models: dict[str, dict[str, Any]] = {}
     for mar in mars:
         name, version = mar_identity(mar)
         models.setdefault(name, {})[version] = {
             "marName": mar.name,
-            "minWorkers": s.workers,
-            "maxWorkers": s.workers,
-            "batchSize": min(s.batch_size, config.limits.max_batch_size),
-            "maxBatchDelay": s.max_batch_delay_ms,
-            "responseTimeout": s.response_timeout_s,
+            "minWorkers": workers,
+            "maxWorkers": workers,
+            "batchSize": batch_size,
+            "maxBatchDelay": max_batch_delay_ms,
+            "responseTimeout": response_timeout_s,
         }
-    for versions in models.values():  # the highest version answers /predictions/NAME
+    for versions in models.values():
         versions[max(versions, key=version_key)]["defaultVersion"] = True
+    return models
+
+
+def limit_properties(config: Config) -> dict[str, Any]:
+    """The properties every camserve TorchServe shares: body and response ceilings, timeout,
+    camserve's own metrics only, no per-model pip installs."""
+    return {
+        "max_request_size": config.frontend_max_request_bytes,
+        "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
+        "default_response_timeout": config.server.response_timeout_s,
+        "install_py_dep_per_model": "false",
+        "disable_system_metrics": "true",
+    }
+
+
+def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path], inference_host: str | None) -> str:
+    """The generated ``config.properties`` text."""
+    s = config.server
+    host = s.host
+    models = model_entries(mars, workers=s.workers, batch_size=min(s.batch_size, config.limits.max_batch_size),
+                           max_batch_delay_ms=s.max_batch_delay_ms, response_timeout_s=s.response_timeout_s)
     lines = {
         "inference_address": f"http://{inference_host or host}:{s.inference_port}",
         "management_address": f"http://{host}:{s.management_port}",
@@ -164,12 +185,8 @@ def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path
         "enable_model_api": str(s.model_api).lower(),
         "metrics_mode": "prometheus",
         "metrics_config": run_dir / "metrics.yaml",
-        "max_request_size": config.frontend_max_request_bytes,
-        "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
-        "default_response_timeout": s.response_timeout_s,
         "vmargs": f"-Xmx{s.java_heap} -XX:-UsePerfData -Djava.io.tmpdir={run_dir / 'tmp'}",
-        "install_py_dep_per_model": "false",
-        "disable_system_metrics": "true",
+        **limit_properties(config),
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
