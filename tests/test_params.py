@@ -123,3 +123,14 @@ def test_config_errors_name_the_setting(env, message):
 def test_limits_reject_bad_values_directly():
     with pytest.raises(ConfigError, match="max_batch_size"):
         Limits(max_batch_size=-1)
+
+
+def test_dff_components_are_bounded_and_belong_to_dff():
+    known = {"known_methods": ("dff", "gradcam")}
+    assert parse_params({"methods": "dff", "components": "5"}, num_classes=10, **known).components == 5
+    assert parse_params({"methods": "dff"}, num_classes=10, **known).components == 16
+    for bad in ("0", "33", "x"):
+        with pytest.raises(InputError, match="components"):
+            parse_params({"methods": "dff", "components": bad}, num_classes=10, **known)
+    with pytest.raises(InputError, match="applies to method dff only"):
+        parse_params({"methods": "gradcam", "components": "4"}, num_classes=10, **known)
