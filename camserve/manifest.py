@@ -101,6 +101,11 @@ class Manifest:
     #: Opt-in extra graphs (``camserve export --extras``): name -> ``{"file", "sha256",
     #: "outputs", "parity"}``; each has the main graph's inputs (see camserve.export.extras).
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The forward-only graph (image -> logits, :mod:`camserve.pipeline.forward`) for the
+    #: faithfulness metrics' perturbation runs; None in exports made before it existed
+    #: (the runtime then cuts it from ``graph_file`` at load).
+    forward_graph_file: str | None = None
+    forward_graph_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
 
     @property

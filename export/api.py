@@ -1,4 +1,4 @@
-"""``export_model``: a torch model -> ``model.onnx`` (+ ``head.onnx``) + ``manifest.json``."""
+"""``export_model``: a torch model -> ``model.onnx`` + ``forward.onnx`` (+ ``head.onnx``) + ``manifest.json``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from torch import nn
 
 from camserve.errors import ExportError
 from camserve.manifest import GRAPH_FILE, LayerSpec, Manifest, sha256_file
+from camserve.pipeline import forward as forward_graph
+from camserve.pipeline.forward import FORWARD_FILE
 
 from camserve.export import extras as extra_graphs
 from camserve.export import onnx_export, parity, resolve, trace
@@ -222,6 +224,8 @@ def export_model(
             for name, stats in figures["outputs"].items():
                 log(f"  {name:16s} max_rel_err={stats['max_rel_err']:.2e} share_off={stats['share_off']:.2%}")
 
+        onnx.save(forward_graph.extract_forward(proto), str(tmp / FORWARD_FILE))  # faithfulness metrics' runs
+
         head_file, head_inputs = None, None
         if head:
             t0 = time.perf_counter()
@@ -257,8 +261,10 @@ def export_model(
             head_graph_file=head_file,
             head_inputs=tuple(head_inputs or ()),
             extras=extra_files,
+            forward_graph_file=FORWARD_FILE,
+            forward_graph_sha256=sha256_file(tmp / FORWARD_FILE),
         )
-        for name in [GRAPH_FILE] + ([HEAD_FILE] if head_file else []) + [e["file"] for e in extra_files.values()]:
+        for name in [GRAPH_FILE, FORWARD_FILE] + ([HEAD_FILE] if head_file else []) + [e["file"] for e in extra_files.values()]:
             shutil.move(str(tmp / name), out_dir / name)
         for extra in extra_graphs.EXTRAS:  # a re-export without an extra leaves no stale graph behind
             if extra not in extra_files and (out_dir / f"{extra}.onnx").exists():

@@ -8,6 +8,7 @@ GPU is really there (so CPU hosts print no provider errors), else CPU.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,22 @@ def extra_session_options(intra_op_threads: int | None = None) -> ort.SessionOpt
     return opts
 
 
+def load_forward(directory: Path, manifest: Manifest, options: ort.SessionOptions, providers: list[str],
+                 verify_hash: bool = True) -> ort.InferenceSession:
+    """A session over the export's forward-only graph, cut from the explain graph in memory
+    when the export predates ``forward.onnx``."""
+    from camserve.pipeline.forward import forward_model_bytes
+
+    if manifest.forward_graph_file:
+        path = directory / manifest.forward_graph_file
+        if not path.is_file():
+            raise ManifestError(f"forward graph {path} named by the manifest does not exist")
+        if verify_hash and manifest.forward_graph_sha256 and sha256_file(path) != manifest.forward_graph_sha256:
+            raise ManifestError(f"forward graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    return ort.InferenceSession(forward_model_bytes(directory / manifest.graph_file), sess_options=options, providers=providers)
+
+
 @dataclass(frozen=True)
 class GraphOutputs:
     """One batch's answer: logits [N, K] and, per target layer, activations and gradients."""
@@ -101,6 +118,9 @@ class GraphSession:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
             self.extras[name] = ort.InferenceSession(str(path), sess_options=extra_options, providers=self.providers)
         self._extra_outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.extras.items()}
+        self._verify_hash = verify_hash
+        self._forward: ort.InferenceSession | None = None
+        self._forward_lock = threading.Lock()
 
     @property
     def head(self) -> ort.InferenceSession:
@@ -111,6 +131,19 @@ class GraphSession:
                 raise ManifestError("this export has no head graph (re-export with head=True for AblationCAM)")
             self._head = ort.InferenceSession(str(self.directory / name), sess_options=self.options, providers=self.providers)
         return self._head
+
+    @property
+    def forward(self) -> ort.InferenceSession:
+        """The forward-only graph (image -> logits), loaded on first use: the faithfulness
+        metrics' perturbation runs (:mod:`camserve.pipeline.forward`)."""
+        with self._forward_lock:
+            if self._forward is None:
+                self._forward = load_forward(self.directory, self.manifest, self.options, self.providers, self._verify_hash)
+            return self._forward
+
+    def forward_logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits of ``images`` [N, 3, H, W] through the forward-only graph (no backward)."""
+        return self.forward.run(["logits"], {"image": self.check_images(images)})[0]
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         h, w = self.manifest.input_size

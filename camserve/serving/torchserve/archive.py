@@ -55,6 +55,8 @@ def export_files(export_dir: Path) -> tuple[Manifest, list[Path]]:
     """The manifest and every file the graph needs, checked (graph present, hash matches)."""
     manifest = Manifest.load(export_dir)
     files = [export_dir / "manifest.json", export_dir / manifest.graph_file]
+    if manifest.forward_graph_file:
+        files.append(export_dir / manifest.forward_graph_file)
     if manifest.head_graph_file:
         files.append(export_dir / manifest.head_graph_file)
     files += [export_dir / entry["file"] for entry in manifest.extras.values()]  # camserve export --extras

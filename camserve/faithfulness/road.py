@@ -1,0 +1,141 @@
+"""ROAD's perturbation: remove a share of pixels by a CAM's order and impute them linearly.
+
+ROAD (Remove And Debias, Rong et al. 2022, arXiv 2202.00449; pytorch-grad-cam's
+``metrics/road.py``) removes pixels and fills each removed pixel with the weighted mean of
+its 8 neighbours (4-neighbours 1/6, diagonals 1/12; outside the image a neighbour is left
+out and its weight with it), so the removal leaves no sharp edge the model could react to.
+The removed pixels of one mask are the unknowns of one sparse linear system ``A x = b``::
+
+    A[i, i] = -sum of the in-image neighbour weights of i
+    A[i, j] = w_ij           for a removed neighbour j
+    b[i]    = -sum_j w_ij v_j for a kept neighbour j with value v_j     (one column per channel)
+
+``-A`` is symmetric and diagonally dominant, strictly wherever a kept pixel is next door;
+with at least one kept pixel it is positive definite. Each mask's system is factorized
+once (LDL^T with an approximate-minimum-degree ordering, ``qdldl``) and solved for every
+channel; masks are solved on a thread pool (the factorization releases the GIL). Gaussian
+noise (std ``noise`` in normalized units) is added to the imputed pixels only.
+
+Which pixels go (:func:`keep_masks`): at percentile ``p``, MoRF keeps the ``p`` % of pixels
+with the lowest CAM values (so ``100 - p`` % of the most relevant are removed); LeRF keeps
+the ``p`` % with the highest (the least relevant are removed).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+
+#: (row offset, column offset, weight) of the 8 neighbours in the imputation.
+NEIGHBOURS: tuple[tuple[int, int, float], ...] = (
+    (-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12),
+    (0, -1, 1 / 6), (0, 1, 1 / 6),
+    (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12),
+)
+#: Percentiles of ROADCombined (share of pixels kept, in percent).
+PERCENTILES: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+#: Noise std added to imputed pixels, in normalized input units (pytorch-grad-cam's).
+NOISE = 0.01
+
+
+def kept_count(pixels: int, percentile: int) -> int:
+    """Pixels kept at ``percentile`` out of ``pixels``: as many as ``values < np.percentile(values, p)``
+    keeps when no two values tie (``ceil((pixels - 1) * p / 100)``)."""
+    return -(-(pixels - 1) * int(percentile) // 100)
+
+
+def keep_masks(cams: np.ndarray, percentile: int, most_relevant_first: bool, seed: int = 0) -> np.ndarray:
+    """Pixels kept at ``percentile``: bool ``[R, H, W]`` from maps ``[R, H, W]`` in [0, 1].
+
+    MoRF keeps the :func:`kept_count` pixels of lowest CAM value, LeRF those of lowest
+    ``1 - cam`` (both in float32, as the maps are). Ties are broken by a fixed pseudo-random
+    order of the pixels (``seed``), so exactly that many are kept and, among equal values,
+    scattered over the image.
+
+    Where no two values tie this is pytorch-grad-cam's ``cam < np.percentile(cam, p)``. Where
+    they do, it is not, on purpose: a ReLU'd map (GradCAM) is exactly 0 on much of the image,
+    and when more than ``p`` % of it is 0 that threshold keeps no pixel at all, which leaves
+    the imputation without data (a singular system: NaN scores in pytorch-grad-cam).
+    """
+    values = np.asarray(cams, dtype=np.float32)
+    if not most_relevant_first:
+        values = np.float32(1.0) - values
+    r, pixels = len(values), values[0].size if len(values) else 0
+    flat = values.reshape(r, pixels)
+    tie_break = np.random.default_rng(seed).random(pixels)
+    order = np.lexsort((np.broadcast_to(tie_break, flat.shape), flat), axis=-1)[:, : kept_count(pixels, percentile)]
+    keep = np.zeros(flat.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=1)
+    return keep.reshape(values.shape)
+
+
+def linear_system(keep: np.ndarray, image: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
+    """``(-A, -b, unknowns)`` of one mask: the positive form of the system in the module
+    docstring, ``-b`` as ``[n, C]``, and the flat indices of the removed pixels."""
+    h, w = keep.shape
+    kept = keep.ravel()
+    unknown = np.flatnonzero(~kept)
+    n = len(unknown)
+    index = np.full(h * w, -1, dtype=np.int64)
+    index[unknown] = np.arange(n)
+    flat = image.reshape(image.shape[0], -1)
+    row0, col0 = np.divmod(unknown, w)
+    diagonal = np.zeros(n)
+    rhs = np.zeros((n, image.shape[0]))
+    rows, cols, vals = [np.arange(n)], [np.arange(n)], []
+    for dr, dc, weight in NEIGHBOURS:
+        r, c = row0 + dr, col0 + dc
+        inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        diagonal[inside] += weight
+        where = np.where(inside, r * w + c, 0)
+        known = inside & kept[where]
+        rhs[known] += weight * flat[:, where[known]].T
+        free = np.flatnonzero(inside & ~kept[where])
+        rows.append(free)
+        cols.append(index[where[free]])
+        vals.append(np.full(len(free), -weight))
+    data = np.concatenate([diagonal, *vals])
+    matrix = sp.csc_matrix((data, (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return matrix, rhs, unknown
+
+
+def _solve(matrix: sp.csc_matrix, rhs: np.ndarray) -> np.ndarray:
+    import qdldl
+
+    factor = qdldl.Solver(sp.triu(matrix, format="csc"), upper=True)
+    return np.stack([factor.solve(rhs[:, c]) for c in range(rhs.shape[1])], axis=1)
+
+
+def impute_one(image: np.ndarray, keep: np.ndarray, noise: float = NOISE, seed: int = 0) -> np.ndarray | None:
+    """``image`` [C, H, W] with the pixels where ``keep`` is False imputed (a new array), or
+    None when no pixel is kept (nothing to impute from)."""
+    if not keep.any():
+        return None
+    out = np.array(image, dtype=np.float32, copy=True)
+    if keep.all():
+        return out
+    matrix, rhs, unknown = linear_system(keep, image)
+    values = _solve(matrix, rhs).T.astype(np.float32)  # [C, n]
+    if noise:
+        values += np.float32(noise) * np.random.default_rng(seed).standard_normal(values.shape, dtype=np.float32)
+    out.reshape(out.shape[0], -1)[:, unknown] = values
+    return out
+
+
+def impute(images: np.ndarray, keep: np.ndarray, noise: float = NOISE, seed: int = 0,
+           threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Impute every ``images[i]`` [M, C, H, W] where ``keep[i]`` [M, H, W] is False.
+
+    Returns ``(imputed [M, C, H, W] float32, ok [M] bool)``; a row with no kept pixel is left
+    as is with ``ok`` False. Each row's noise comes from its own generator seeded with
+    ``seed``, so a row's result does not depend on the rest of the batch.
+    """
+    threads = threads or min(len(images), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = list(pool.map(lambda i: impute_one(images[i], keep[i], noise, seed), range(len(images))))
+    ok = np.array([r is not None for r in results], dtype=bool)
+    out = np.stack([r if r is not None else np.asarray(images[i], dtype=np.float32) for i, r in enumerate(results)])
+    return out, ok
