@@ -47,6 +47,8 @@ class Limits:
     max_batch_size: int = 64
     max_targets: int = 10
     max_methods: int = 4
+    #: Maps (images x targets x methods) whose faithfulness ``metrics`` one request may ask.
+    max_metric_maps: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):

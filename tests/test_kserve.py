@@ -197,7 +197,14 @@ def test_metrics_carry_the_dashboards_names_on_both_servers(servers):
     shown = json.loads((ROOT / "grafana" / "camserve-dashboard.json").read_text())
     series = set(re.findall(r"\bcamserve_[a-z_]+", " ".join(t["expr"] for p in shown["panels"] for t in p["targets"])))
     series -= {"camserve_degenerate_maps_total"}  # only once a degenerate map was served
-    torchserve_answer(instance, images(1), {"methods": "gradcam"})
+    series -= {"camserve_faithfulness_samples_total"}  # only with metrics.sample_rate > 0
+    asked = {"methods": "gradcam", "metrics": "drop,road"}  # camserve_faithfulness, on both servers
+    ts_answer = torchserve_answer(instance, images(1), asked)
+    payload = {"instances": [{"image": {"b64": base64.b64encode(images(1)[0]).decode()}}], "parameters": asked}
+    status, _, body = http("POST", f"{state['url']}/v1/models/tiny:explain", json.dumps(payload).encode(),
+                           {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body)["explanations"] == ts_answer["images"]  # the same scores too
+    assert set(ts_answer["images"][0]["explanations"][0]["metrics"]) == {"drop", "road", "road_morf", "road_lerf"}
     status, _, _ = http("POST", f"{instance.inference_url}/predictions/tiny", b"nope",  # an error counted too
                         {"Content-Type": "image/png", "Authorization": f"Bearer {instance.key('inference')}"})
     assert status == 415

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from camserve.pipeline.metrics import LATENCY_BUCKETS, METRICS, Recorder, dashboard, declarations, label, metrics_config, size_buckets
+from camserve.pipeline.metrics import LATENCY_BUCKETS, METRICS, SIGNED_HISTOGRAMS, Recorder, dashboard, declarations, label, metrics_config, size_buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {name for name, *_ in METRICS}
@@ -20,7 +20,9 @@ def test_yaml_declares_every_metric_and_keeps_torchserve_defaults():
     for name, kind, _unit, dims, _help in METRICS:
         if kind == "histogram":  # TorchServe's histograms have fixed buckets: three counters instead
             assert declared[f"{name}_bucket"] == ("counter", [*dims, "le"])
-            assert declared[f"{name}_sum"] == declared[f"{name}_count"] == ("counter", list(dims))
+            assert declared[f"{name}_count"] == ("counter", list(dims))
+            # a sum that observations can lower (faithfulness scores) is a gauge: a counter must not go down
+            assert declared[f"{name}_sum"] == ("gauge" if name in SIGNED_HISTOGRAMS else "counter", list(dims))
             assert name not in declared
         else:
             assert declared[name] == (kind, list(dims))

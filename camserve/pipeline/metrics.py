@@ -47,6 +47,9 @@ ENCODE_LATENCY = "camserve_encode_latency_seconds"
 BATCH_SIZE = "camserve_batch_size"
 REQUEST_LATENCY = "camserve_request_latency_seconds"
 DEGENERATE = "camserve_degenerate_maps_total"
+FAITHFULNESS = "camserve_faithfulness"
+FAITHFULNESS_SAMPLES = "camserve_faithfulness_samples_total"
+METRIC, OUTCOME = "metric", "outcome"
 
 #: (name, type, unit, dimensions, help) for every metric the handler records. "Per batch"
 #: histograms get one observation per model call (group of alike requests) or server
@@ -61,12 +64,24 @@ METRICS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
     (PREPROCESS_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per server batch: decode and preprocess"),
     (ENCODE_LATENCY, "histogram", "seconds", (MODEL, VERSION), "Per server batch: rendering and JSON encoding"),
     (BATCH_SIZE, "histogram", "count", (MODEL, VERSION), "Per model call: images in the ONNX Runtime call"),
+    (FAITHFULNESS, "histogram", "score", (MODEL, VERSION, METRIC, METHOD),
+     "Faithfulness metric values (camserve.faithfulness), asked per request or sampled"),
+    (FAITHFULNESS_SAMPLES, "counter", "count", (MODEL, VERSION, OUTCOME),
+     "Explained requests drawn for background faithfulness scoring: scored, dropped (queue full), failed"),
 )
 LE = "le"
 #: Upper bounds (seconds) of the latency histograms: 1 ms .. 60 s, about 1.5-2x apart.
 LATENCY_BUCKETS: tuple[float, ...] = (
     0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6,
     1.0, 1.5, 2.5, 4.0, 6.0, 10.0, 15.0, 30.0, 60.0,
+)
+
+
+#: Upper bounds of the faithfulness histogram: probability changes in [-1, 1] (ROAD, confidence
+#: change), drop in [0, 1], increase 0 or 1; finer near 0, where most values of a model lie.
+SCORE_BUCKETS: tuple[float, ...] = (
+    -1.0, -0.5, -0.25, -0.1, -0.05, -0.02, -0.01, -0.005, -0.001, 0.0,
+    0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
 
 
@@ -81,6 +96,12 @@ def size_buckets(max_batch_size: int) -> tuple[float, ...]:
     return tuple(sorted(bounds))
 
 
+#: Histograms whose observations can be negative: their ``NAME_sum`` would go down, which a
+#: TorchServe (Prometheus Java client) counter refuses, so it is a gauge holding the running
+#: total (``delta(NAME_sum[w]) / increase(NAME_count[w])`` is the window's mean).
+SIGNED_HISTOGRAMS = frozenset({FAITHFULNESS})
+
+
 def histogram_series(name: str) -> tuple[str, str, str]:
     """The counters standing for histogram ``name``: ``(NAME_bucket, NAME_sum, NAME_count)``."""
     return f"{name}_bucket", f"{name}_sum", f"{name}_count"
@@ -92,7 +113,8 @@ def declarations(metrics=None) -> list[tuple[str, str, str, list[str]]]:
     for name, kind, unit, dims, _help in metrics if metrics is not None else METRICS:
         if kind == "histogram":
             bucket, total, count = histogram_series(name)
-            out += [(bucket, "counter", "count", [*dims, LE]), (total, "counter", unit, list(dims)),
+            out += [(bucket, "counter", "count", [*dims, LE]),
+                    (total, "gauge" if name in SIGNED_HISTOGRAMS else "counter", unit, list(dims)),
                     (count, "counter", "count", list(dims))]
         else:
             out.append((name, kind, unit, list(dims)))
@@ -151,21 +173,25 @@ class Recorder:
         self._types: dict[str, Any] = {}
         self._buckets = {name: LATENCY_BUCKETS for name, kind, unit, *_ in METRICS if kind == "histogram" and unit == "seconds"}
         self._buckets[BATCH_SIZE] = size_buckets(max_batch_size)
+        self._buckets[FAITHFULNESS] = SCORE_BUCKETS
         #: ``le`` label values per histogram, formatted as prometheus-client formats them.
         self._le = {name: [floatToGoString(b) for b in (*bounds, float("inf"))] for name, bounds in self._buckets.items()}
         self._pending: dict[tuple[str, tuple[str, ...]], float] = {}
+        #: running totals of the signed histograms' ``_sum`` gauges, and which changed
+        self._totals: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._changed: set[tuple[str, tuple[str, ...]]] = set()
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         if cache is not None:
             from ts.metrics.metric_type_enum import MetricTypes
 
-            self._types = {"counter": MetricTypes.COUNTER}
+            self._types = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE}
 
-    def _add(self, name: str, value: float, *extra: str) -> None:
+    def _add(self, name: str, value: float, *extra: str, kind: str = "counter") -> None:
         if self.cache is None:
             return
         try:
-            metric = self.cache.get_metric(name, self._types["counter"])
+            metric = self.cache.get_metric(name, self._types[kind])
             metric.add_or_update(value, [self.model, self.version, *(label(e) for e in extra)])
         except Exception:  # noqa: BLE001 - a metric must never fail the request
             pass
@@ -182,7 +208,11 @@ class Recorder:
             for le in self._le[name][first:]:
                 key = (bucket, (*extra, le))
                 pending[key] = pending.get(key, 0) + times
-            pending[(total, extra)] = pending.get((total, extra), 0.0) + value * times
+            if name in SIGNED_HISTOGRAMS:
+                self._totals[(total, extra)] = self._totals.get((total, extra), 0.0) + value * times
+                self._changed.add((total, extra))
+            else:
+                pending[(total, extra)] = pending.get((total, extra), 0.0) + value * times
             pending[(count, extra)] = pending.get((count, extra), 0) + times
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name="camserve-metrics", daemon=True)
@@ -192,8 +222,12 @@ class Recorder:
         """Send the histogram deltas recorded since the last flush (the background thread's job)."""
         with self._lock:
             pending, self._pending = self._pending, {}
+            gauges = {key: self._totals[key] for key in self._changed}
+            self._changed = set()
         for (name, extra), value in pending.items():
             self._add(name, value, *extra)
+        for (name, extra), value in gauges.items():
+            self._add(name, value, *extra, kind="gauge")
 
     def _flush_loop(self) -> None:
         while True:
@@ -226,6 +260,13 @@ class Recorder:
 
     def batch(self, size: int) -> None:
         self._observe(BATCH_SIZE, size)
+
+    def faithfulness(self, method: str, metric: str, value: float) -> None:
+        self._observe(FAITHFULNESS, value, metric, method)
+
+    def sample(self, outcome: str, n: int = 1) -> None:
+        """A request drawn for background scoring: ``scored``, ``dropped`` or ``failed``."""
+        self._add(FAITHFULNESS_SAMPLES, n, outcome)
 
 
 def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -271,6 +312,11 @@ def dashboard() -> dict[str, Any]:
         ("Images per ONNX Runtime call (mean, p50, p95)",
          [{"expr": f"sum(rate({BATCH_SIZE}_sum{sel}[5m])) / sum(rate({BATCH_SIZE}_count{sel}[5m]))", "legendFormat": "mean"},
           *quantiles(BATCH_SIZE, "model_version")], "short"),
+        ("Faithfulness: median ROADCombined by method (higher = more faithful)",
+         [{"expr": f'histogram_quantile(0.5, sum by (le, method) (rate({FAITHFULNESS}_bucket{{model_name=~"$model", '
+                   f'model_version=~"$version", metric="road"}}[15m])))', "legendFormat": "{{method}}"}], "short"),
+        ("Faithfulness samples per second by outcome",
+         [{"expr": f"sum by (outcome) (rate({FAITHFULNESS_SAMPLES}{sel}[5m]))", "legendFormat": "{{outcome}}"}], "short"),
         ("Degenerate maps per second by method", [{"expr": f"sum by (method) (rate({DEGENERATE}{sel}[5m]))", "legendFormat": "{{method}}"}], "short"),
     ]
 

@@ -22,11 +22,17 @@ eigen_smooth   boolean                                false
 explain        boolean: explanations on               true on ``/explanations``, else false
 components     integer 1..32: concepts per image of   16 (pytorch-grad-cam's default)
                method ``dff`` (only with ``dff``)
+metrics        comma list of faithfulness metrics:    none
+               ``road``, ``road_morf``, ``road_lerf``,
+               ``confidence_change``, ``drop``,
+               ``increase`` (:mod:`camserve.faithfulness`)
 =============  =====================================  =======================================
 
 On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
-``target``, ``topk``, ``aug_smooth``, ``eigen_smooth`` or an ``output`` other than ``none``
-is given. Every malformed value raises :class:`~camserve.errors.InputError` naming it.
+``target``, ``topk``, ``aug_smooth``, ``eigen_smooth``, ``metrics`` or an ``output`` other
+than ``none`` is given. ``metrics`` is refused with method ``dff`` (a concept map has no
+target class), and by the service beyond ``limits.max_metric_maps`` maps (images x targets
+x methods) per request: ROAD costs 18 forwards and 18 sparse solves per map. Every malformed value raises :class:`~camserve.errors.InputError` naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any, Iterable, Mapping
 
 from camserve.errors import InputError
 
-PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components")
+PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components", "metrics")
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
 DEFAULT_TOPK = 3
@@ -81,6 +87,7 @@ class RequestParams:
     aug_smooth: bool = False
     eigen_smooth: bool = False
     components: int = DEFAULT_COMPONENTS
+    metrics: tuple[str, ...] = ()
 
     @property
     def n_targets(self) -> int:
@@ -176,6 +183,17 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))  # drop repeats, keep order
 
 
+def _metrics(value: Any) -> tuple[str, ...]:
+    from camserve.faithfulness import parse_metrics
+
+    try:
+        return parse_metrics(_names("metrics", value))
+    except BadParameter:
+        raise
+    except InputError as exc:
+        raise BadParameter(f"parameter metrics: {exc}") from None
+
+
 def _target(value: Any, topk: int, num_classes: int) -> Target:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -236,7 +254,7 @@ def parse_params(
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
     known = tuple(known_methods)
-    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components"))
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics"))
     output = _names("output", raw["output"]) if "output" in raw else None
     for form in output or ():
         if form not in OUTPUTS:
@@ -268,7 +286,11 @@ def parse_params(
         aug_smooth=_bool("aug_smooth", raw["aug_smooth"]) if "aug_smooth" in raw else False,
         eigen_smooth=_bool("eigen_smooth", raw["eigen_smooth"]) if "eigen_smooth" in raw else False,
         components=_int("components", raw["components"]) if "components" in raw else DEFAULT_COMPONENTS,
+        metrics=_metrics(raw["metrics"]) if "metrics" in raw else (),
     )
+    if params.metrics and "dff" in methods:
+        raise BadParameter("parameter metrics is not defined for method dff (a concept map has no target class to score)")
+
     if "components" in raw and "dff" not in methods:
         raise BadParameter("parameter components applies to method dff only")
     if not 1 <= params.components <= MAX_COMPONENTS:

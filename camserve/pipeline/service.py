@@ -43,6 +43,7 @@ from camserve.config import Limits
 from camserve.errors import CamserveError
 from camserve.pipeline.metrics import Recorder
 from camserve.pipeline.params import BadParameter, RequestParams, merge_sources, parse_params
+from camserve.pipeline.scoring import as_json, score_explanation
 from camserve.pipeline.request import BodyTooLarge, Request, Response, TooManyImages, header_source
 
 SCHEMA = "camserve/1"
@@ -140,6 +141,12 @@ class Service:
             item.names.append(name)
             item.sha256.append(hashlib.sha256(data).hexdigest())
         item.preprocess_s = time.perf_counter() - start
+        if item.params.explain and item.params.metrics:
+            maps = len(item.images) * item.params.n_targets * len(item.params.methods)
+            if maps > self.limits.max_metric_maps:
+                raise BadParameter(f"parameter metrics asks to score {maps} maps ({len(item.images)} images x "
+                                   f"{item.params.n_targets} targets x {len(item.params.methods)} methods), more than "
+                                   f"the limit of {self.limits.max_metric_maps}")
 
     def _targets(self, params: RequestParams) -> Any:
         from camserve.cam import TopK
@@ -151,7 +158,8 @@ class Service:
         groups: dict[tuple, list[_Item]] = {}
         for item in items:
             p = item.params
-            key = (p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0) if p.explain else ("predict",)
+            key = ((p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0, p.metrics)
+                   if p.explain else ("predict",))
             groups.setdefault(key, []).append(item)
         results: dict[int, dict[str, Any]] = {}
         for key, members in groups.items():
@@ -163,9 +171,10 @@ class Service:
                     start = time.perf_counter()
                     logits = self.session.run(images).logits
                     timings = {"inference": time.perf_counter() - start, "cam": 0.0}
-                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}, "concepts": []}
+                    out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}, "concepts": [],
+                           "metrics": {}}
                 else:
-                    methods, aug, eigen, components = key
+                    methods, aug, eigen, components, metrics = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
                     start = time.perf_counter()
                     extra = {"components": components} if "dff" in methods else {}
@@ -175,9 +184,12 @@ class Service:
                     out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams,
                            "ratios": getattr(exp, "signal_ratio", None) or {},
                            "pictures": getattr(exp, "pictures", None) or {},
-                           "concepts": getattr(exp, "concepts", None) or []}
+                           "concepts": getattr(exp, "concepts", None) or [], "metrics": {}}
                     for method in methods:
                         self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
+                    if metrics:
+                        out["metrics"], timings["metrics"] = score_explanation(self.session, images, exp, methods, metrics)
+                        self._record_scores(out["metrics"])
                 self.recorder.inference(timings["inference"])
             except Exception as exc:  # noqa: BLE001 - the group fails, the batch goes on
                 for m in members:
@@ -193,6 +205,7 @@ class Service:
                     "ratios": {meth: list(r[pos : pos + n]) for meth, r in out["ratios"].items()},
                     "pictures": {meth: list(p[pos : pos + n]) for meth, p in out["pictures"].items()},
                     "concepts": list(out["concepts"][pos : pos + n]),
+                    "metrics": {meth: v[pos : pos + n] for meth, v in out["metrics"].items()},
                 }
                 m.timings = timings
                 m.batch = len(index)
@@ -243,6 +256,8 @@ class Service:
                     entry["concept"] = {"index": t, "top_classes": [  # score: softmax of the head on the concept
                         {**self._class(int(c), probs), "score": round(float(s), 6)}
                         for c, s in zip(concepts["classes"][t], concepts["scores"][t])]}
+                if method in result["metrics"]:
+                    entry["metrics"] = as_json(result["metrics"][method][i], t)
                 if pictures is not None:  # guided methods: the RGB picture at the model's input size
                     entry["picture"] = base64.b64encode(render.encode_png(pictures[i][t])).decode("ascii")
                 if pngs is not None:
@@ -253,6 +268,14 @@ class Service:
                     entry["array"] = render.to_float16(cams[t : t + 1]).to_json()
                 out.append(entry)
         return out
+
+    def _record_scores(self, scores: dict[str, list[dict[str, np.ndarray]]]) -> None:
+        """Every finite metric value into ``camserve_faithfulness{metric, method}``."""
+        for method, per_image in scores.items():
+            for values in per_image:
+                for name, v in values.items():
+                    for x in v[np.isfinite(v)]:
+                        self.recorder.faithfulness(method, name, float(x))
 
     def _flag_degenerate(self, method: str, summaries: list[dict[str, Any]], ratios: Any) -> None:
         """Mark maps whose channel terms cancel (float noise, not an explanation) in their summaries.
@@ -347,6 +370,7 @@ class Service:
                 "inference": _ms(t.get("inference", 0.0)),
                 "cam": _ms(t.get("cam", 0.0)),
                 "encode": _ms(time.perf_counter() - start),
+                **({"metrics": _ms(t["metrics"])} if "metrics" in t else {}),
             },
             "batch": {"requests": n_requests, "images": item.batch},
         }
@@ -367,7 +391,9 @@ class Service:
             record["images"] = [
                 {
                     "predictions": img["predictions"],
-                    "explanations": [{"method": e["method"], "target": e["target"], "summary": e["summary"]} for e in img.get("explanations", [])],
+                    "explanations": [{"method": e["method"], "target": e["target"], "summary": e["summary"],
+                                      **({"metrics": e["metrics"]} if "metrics" in e else {})}
+                                     for e in img.get("explanations", [])],
                 }
                 for img in body["images"]
             ]

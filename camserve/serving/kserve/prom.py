@@ -41,13 +41,14 @@ def _all_metrics() -> tuple:
 class _Series:
     """What ``get_metric`` returns: adds to one named series of the cache."""
 
-    def __init__(self, cache: PrometheusCache, name: str) -> None:
-        self.cache, self.name = cache, name
+    def __init__(self, cache: PrometheusCache, name: str, gauge: bool = False) -> None:
+        self.cache, self.name, self.gauge = cache, name, gauge
 
     def add_or_update(self, value: float, dimension_values: list[str], request_id: str = "") -> None:
+        """Counters add ``value``; gauges (a signed histogram's running ``_sum``) are set to it."""
         key = (self.name, tuple(dimension_values))
         with self.cache.lock:
-            self.cache.values[key] = self.cache.values.get(key, 0.0) + float(value)
+            self.cache.values[key] = float(value) if self.gauge else self.cache.values.get(key, 0.0) + float(value)
 
 
 #: Environment variable naming the folder where the processes of one server share counters.
@@ -69,7 +70,7 @@ class PrometheusCache(Collector):
             threading.Thread(target=self._publisher, name="camserve-metrics-publish", daemon=True).start()
 
     def get_metric(self, name: str, kind: Any = None) -> _Series:
-        return _Series(self, name)
+        return _Series(self, name, gauge=str(getattr(kind, "name", kind)).upper().endswith("GAUGE"))
 
     def publish(self) -> None:
         """Write this process's counters to ``share_dir/<pid>.json`` (atomic replace)."""
