@@ -1,4 +1,5 @@
-"""Helpers of the compare tests: shapes models (normal and shortcut), image folders, Chromium.
+"""Helpers of the compare tests: shapes models (normal and shortcut), image folders, Chromium,
+direct computations, audit records and served answers as the server writes them, fakes.
 
 Models are trained and exported once per test session (cached here, not as fixtures, so
 two modules importing them do not train twice).
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import io
+import math
 import os
 import shutil
 import subprocess
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -105,3 +109,115 @@ def open_in_chromium(report: Path, work: Path) -> dict[str, Any]:
     img = cv2.imread(str(shot)) if shot.is_file() else None
     return {"loaded": int(m.group(1)) if m else -1, "total": int(m.group(2)) if m else -1, "console": console,
             "screenshot": None if img is None else img[:, :, ::-1]}
+
+
+class TTYBuffer(io.StringIO):
+    """A text buffer that says it is a terminal (what the progress bar draws on)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def visible_text(page: str) -> str:
+    """The report page without its embedded pictures (base64 data URIs)."""
+    import re
+
+    return re.sub(r'src="data:[^"]*"', 'src=""', page)
+
+
+def side_label(export_dir: Path) -> str:
+    """``NAME/VERSION (graph 1a2b3c4d)`` of an export folder, written out from its manifest."""
+    from camserve.manifest import Manifest
+
+    m = Manifest.load(export_dir)
+    return f"{m.model_name}/{m.model_version} (graph {m.graph_sha256[:8]})"
+
+
+def direct(export_dir: Path, images: Path, methods: list[str]):
+    """Top-1 class and maps per image, straight from GraphSession + cam.explain (one image per
+    call); also the preprocessed images and logits, for faithfulness figures."""
+    from camserve import cam
+    from camserve.pipeline import imageio
+    from camserve.pipeline.runtime import GraphSession
+
+    session = GraphSession(export_dir, intra_op_threads=1)
+    m = session.manifest
+    tops, cams, batches, logits = [], {k: [] for k in methods}, [], []
+    for path in sorted(images.glob("*.png")):
+        rgb = imageio.decode(path.read_bytes(), 10**8)
+        batch = imageio.preprocess([rgb], m.input_size, m.mean, m.std, m.channel_order)
+        out = cam.explain(session, batch, [cam.TopK(1)], methods)
+        tops.append(int(out.logits[0].argmax()))
+        batches.append(batch[0])
+        logits.append(out.logits[0])
+        for k in methods:
+            cams[k].append(out.cams[k][0][0])
+    return np.array(tops), {k: np.stack(v) for k, v in cams.items()}, {"images": np.stack(batches),
+                                                                      "logits": np.stack(logits), "session": session}
+
+
+def direct_iou(a: np.ndarray, b: np.ndarray, share: float = 0.2) -> float:
+    """Top-region IoU written out: the region is every pixel >= the k-th largest value."""
+    k = math.ceil(share * a.size)
+    ra = a.ravel() >= np.sort(a.ravel())[::-1][k - 1]
+    rb = b.ravel() >= np.sort(b.ravel())[::-1][k - 1]
+    return float((ra & rb).sum() / (ra | rb).sum())
+
+
+def audit_record(version: str, shas: list[str], tops: list[int], peaks: list[list[int]], t: float) -> dict:
+    """A record shaped like Service.record (one entry per image, gradcam on the top class)."""
+    return {
+        "time": t, "request_id": f"r-{version}-{t}", "model": {"name": "m", "version": version},
+        "input_sha256": shas, "image_sizes": [[64, 64]] * len(shas), "outcome": "answered", "status": 200,
+        "images": [{"predictions": [{"index": c, "label": f"c{c}", "score": 0.9}, {"index": 9, "label": "c9", "score": 0.05}],
+                    "explanations": [{"method": "gradcam", "target": {"index": c, "label": f"c{c}", "score": 0.9},
+                                      "summary": {"peak": p}}]} for c, p in zip(tops, peaks)],
+        "timings_ms": {"preprocess": 1.0, "inference": 4.0, "cam": 2.0, "encode": 1.0},
+    }
+
+
+def fake_road(calls: list):
+    """A score_maps stand-in: ROAD = the map's mean (NaN for a constant map), checking its inputs."""
+    def score_maps(forward, images, cams, classes, metrics, *, base_logits=None, noise=0.01, seed=0):
+        logits = forward(images)  # the export's forward-only graph answers like the explain graph
+        assert images.dtype == np.float32 and cams.shape == (len(images), *images.shape[2:])
+        assert logits == pytest.approx(base_logits, abs=1e-4) and list(classes) == list(base_logits.argmax(axis=1))
+        calls.append(list(metrics))
+        road = cams.mean(axis=(1, 2)).astype(np.float64)
+        road[cams.max(axis=(1, 2)) == cams.min(axis=(1, 2))] = np.nan
+        return {"road": road, "road_morf": -road, "road_lerf": road}
+    return score_maps
+
+
+def served_answer(version: str, road: float | None, with_metrics: bool = True) -> dict:
+    """A camserve/1 answer as the server sends it with metrics=road (one gradcam map)."""
+    from camserve.pipeline.render import to_float16
+
+    cam = np.linspace(0, 1, 64, dtype=np.float32).reshape(1, 8, 8)
+    entry = {"method": "gradcam", "target": {"index": 1, "label": "c1", "score": 0.9}, "array": to_float16(cam).to_json()}
+    if with_metrics:
+        entry["metrics"] = {"road": road, "road_morf": 0.1, "road_lerf": 0.6}
+    return {"model": {"name": "m", "version": version, "graph_sha256": version.replace(".", "") * 32},
+            "images": [{"predictions": [{"index": 1, "label": "c1", "score": 0.9}], "explanations": [entry]}]}
+
+
+def on_bare_pty(draw) -> str:
+    """What ``draw(stream)`` writes to a bare pseudo-terminal (0 x 0, as under ``script`` or
+    some CI runners, where tqdm's own sizing draws nothing)."""
+    import pty
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as term:
+        draw(term)
+        term.flush()
+    chunks = []
+    while True:  # everything written, up to EIO once the closed slave side is drained
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")

@@ -4,6 +4,8 @@
 names the class (it learns the shortcut); ``shapes/1.1`` is the 1.0 graph again. Inputs
 carry both cues (marker and shape name the same class) plus a few conflicting ones. The
 server's audit log keeps heatmaps and inputs, so the audit mode is checked on real records.
+The served comparison asks for faithfulness metrics (``metrics=``), checked against
+:func:`camserve.faithfulness.score_maps` run here on the exports.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from _compare_fixture import marked_images, open_in_chromium, shapes_exports
+from _compare_fixture import direct, marked_images, open_in_chromium, shapes_exports, side_label
 from camserve.cli import main
 from camserve.serving.torchserve.server import Instance
 
@@ -58,7 +60,7 @@ def direct_top1_and_iou(ex, images):
     from camserve import cam
     from camserve.pipeline import imageio
     from camserve.pipeline.runtime import GraphSession
-    from test_compare import direct_iou
+    from _compare_fixture import direct_iou
 
     out = {}
     sessions = {k: GraphSession(ex[k], intra_op_threads=1) for k in ("normal", "shortcut")}
@@ -80,7 +82,8 @@ def shortcut_report(served, tmp_path_factory):
     url_a = f"{instance.inference_url}/predictions/shapes/1.0"
     url_b = f"{instance.inference_url}/shapes/2.0"  # the short form of the issue
     code = main(["compare", "--a", url_a, "--b", url_b, "--images", str(images), "--methods", "gradcam",
-                 "--out", str(out), "--run-dir", str(instance.run_dir), "--min-agreement", "0.75", "--min-cam-iou", "0.5"])
+                 "--out", str(out), "--run-dir", str(instance.run_dir), "--min-agreement", "0.75", "--min-cam-iou", "0.5",
+                 "--metrics", "drop,confidence_change"])
     return code, out, json.loads((out / "summary.json").read_text())
 
 
@@ -90,6 +93,7 @@ def test_shortcut_version_agrees_but_looks_elsewhere_and_fails_the_iou_gate(serv
     assert code == 1 and s["complete"] is True and s["mode"] == "http"
     assert s["failed_gates"] == ["min_cam_iou (gradcam)"] and s["passed"] is False
     assert s["a"]["version"] == "1.0" and s["b"]["version"] == "2.0"
+    assert s["names"] == {"a": side_label(ex["normal"]), "b": side_label(ex["shortcut"])}  # the graph hash the server sent
     images_by_key = {im["key"]: im for im in s["images"]}
     assert set(images_by_key) == set(meta)
     consistent = [k for k, m in meta.items() if m["label"] == m["shape"]]
@@ -124,23 +128,47 @@ def test_shortcut_version_agrees_but_looks_elsewhere_and_fails_the_iou_gate(serv
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
 
 
+def test_served_faithfulness_matches_score_maps_run_here(served, shortcut_report):
+    from camserve.faithfulness import score_maps
+
+    _, images, _, ex = served
+    _, _, s = shortcut_report
+    f = s["faithfulness"]["gradcam"]
+    assert s["metrics"] == ["drop", "confidence_change"] and set(f) == {"drop", "confidence_change"}
+    for side, kind in (("a", "normal"), ("b", "shortcut")):
+        tops, cams, run = direct(ex[kind], images, ["gradcam"])
+        here = score_maps(run["session"].forward_logits, run["images"], cams["gradcam"], tops, ["drop", "confidence_change"],
+                          base_logits=run["logits"])
+        served_drop = [im["faithfulness"]["gradcam"][side]["drop"] for im in s["images"]]
+        assert served_drop == pytest.approx(here["drop"], abs=2e-3)
+        assert f["drop"][side] == pytest.approx(here["drop"].mean(), abs=1e-3) and f["drop"]["n"] == len(s["images"])
+        assert f["confidence_change"][side] == pytest.approx(here["confidence_change"].mean(), abs=1e-3)
+
+
 def test_report_of_the_served_comparison_loads_in_chromium(shortcut_report, tmp_path):
     _, out, s = shortcut_report
     page = open_in_chromium(out / "report.html", tmp_path)
     shown = min(12, len(s["divergent"])) + min(12, len(s["disagreements"]))
-    assert page["total"] == 2 + 2 * shown and page["loaded"] == page["total"]
+    assert page["total"] == 2 + 2 + 2 * shown and page["loaded"] == page["total"]  # plots, mean maps, cases
     assert page["console"] == []
 
 
 def test_identical_versions_agree_fully_and_pass(served, tmp_path, capsys):
     instance, images, _, _ = served
-    code, _, err = compare(capsys, "--a", f"{instance.inference_url}/shapes/1.0", "--b", f"{instance.inference_url}/shapes/1.1",
-                           "--images", images, "--out", tmp_path, "--run-dir", instance.run_dir,
-                           "--min-agreement", "1.0", "--min-cam-iou", "1.0")
+    code, out, err = compare(capsys, "--a", f"{instance.inference_url}/shapes/1.0", "--b", f"{instance.inference_url}/shapes/1.1",
+                             "--images", images, "--out", tmp_path, "--run-dir", instance.run_dir,
+                             "--min-agreement", "1.0", "--min-cam-iou", "1.0", "--min-road", "0")
     assert code == 0, err
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["agreement"]["top1"] == 1.0 and s["similarity"]["gradcam"]["iou"]["min"] == 1.0
     assert s["similarity"]["gradcam"]["pearson"]["min"] == pytest.approx(1.0) and s["passed"] is True
+    # the same graph served twice: the same ROAD (a seeded perturbation), so the gate at margin 0 passes
+    road = s["faithfulness"]["gradcam"]["road"]
+    assert road["delta"] == 0.0 and road["n"] > 0 and road["a"] is not None
+    assert [g["name"] for g in s["gates"]] == ["min_agreement", "min_cam_iou", "min_road"]
+    assert s["names"]["a"].split(" ")[1:] == s["names"]["b"].split(" ")[1:] and "shapes/1.1 (graph " in out
+    page = (tmp_path / "report.html").read_text()
+    assert s["divergent"] == [] and s["disagreements"] == [] and 'class="case"' not in page and page.count("no divergence") == 2
 
 
 def test_audit_mode_matches_inputs_by_hash(served, shortcut_report, tmp_path, capsys):
@@ -155,8 +183,11 @@ def test_audit_mode_matches_inputs_by_hash(served, shortcut_report, tmp_path, ca
     assert s["agreement"] == http["agreement"]
     assert s["similarity"]["gradcam"]["source"] == "maps"  # stored heatmaps (8-bit PNG)
     assert s["similarity"]["gradcam"]["iou"]["mean"] == pytest.approx(http["similarity"]["gradcam"]["iou"]["mean"], abs=0.05)
+    assert s["aggregate"]["gradcam"]["n"] == len(meta)  # mean maps from the stored heatmaps
+    assert s["aggregate"]["gradcam"]["iou"] == pytest.approx(http["aggregate"]["gradcam"]["iou"], abs=0.1)
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<img") == 2 + 2 * (min(12, len(s["divergent"])) + min(12, len(s["disagreements"])))
+    assert html.count("<img") == 2 + 2 + 2 * (min(12, len(s["divergent"])) + min(12, len(s["disagreements"])))
+    assert "Faithfulness</h2><p>Not available" in html
     code, _, err = compare(capsys, "--audit", log, "--a", "shapes/1.0", "--b", "shapes/7.0", "--out", tmp_path / "x")
     assert code == 2 and "shapes/7.0" in err and not (tmp_path / "x" / "summary.json").exists()
 

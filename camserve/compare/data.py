@@ -32,13 +32,16 @@ class Answer:
     source has no map (an audit log without stored heatmaps); ``peaks[method]``: the map's
     peak ``(x, y)`` in input-image pixels when only a summary is known; ``latency_ms``: the
     side's time for this input (client wall clock over HTTP, graph + CAM time offline,
-    the server's ``timings_ms`` total from an audit log).
+    the server's ``timings_ms`` total from an audit log); ``metrics[method]``: the top-1
+    map's faithfulness figures ``{name: value}`` (NaN where undefined) when asked for
+    (:mod:`.faithfulness`).
     """
 
     predictions: list[dict]
     cams: dict[str, np.ndarray | None]
     latency_ms: float
     peaks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def top1(self) -> int:

@@ -5,31 +5,51 @@
 * ``export``: both sides are export directories run in this process (no server).
 * ``audit``: both sides are ``NAME/VERSION`` in an audit log; inputs both answered are
   matched by SHA-256 of the bytes sent.
+
+``metrics`` (faithfulness names, :mod:`.faithfulness`) are asked of served sides and
+computed for export sides. On a terminal, a progress bar on stderr counts the inputs
+(:mod:`.progress`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from camserve.errors import InputError
-from camserve.compare.data import Pair, read_images
+from camserve.compare.data import Answer, Pair, read_images
+from camserve.compare.progress import bar
 from camserve.compare.sources import ExportSide, HTTPSide, audit_answers, open_audit
 
 
+def _pairs(inputs: list, answer_a: Callable[[str, bytes, Any], Answer], answer_b: Callable[[str, bytes, Any], Answer],
+           desc: str) -> list[Pair]:
+    """A then B for each ``(path, bytes, rgb)`` input, in order, counted by the progress bar."""
+    pairs = []
+    with bar(len(inputs), desc) as progress:
+        for path, data, rgb in inputs:
+            pairs.append(Pair(key=path.name, a=answer_a(path.name, data, rgb), b=answer_b(path.name, data, rgb), image=rgb))
+            progress.update()
+    return pairs
+
+
 def collect_http(url_a: str, url_b: str, images_dir: str, methods: list[str], token_a: str | None,
-                 token_b: str | None, timeout: float, topk: int = 5) -> tuple[list[Pair], dict, dict]:
+                 token_b: str | None, timeout: float, topk: int = 5,
+                 metrics: tuple[str, ...] = ()) -> tuple[list[Pair], dict, dict]:
     inputs = read_images(images_dir)  # every image is read and decoded before the first request
-    a = HTTPSide(url_a, token_a, methods, timeout, topk)
-    b = HTTPSide(url_b, token_b, methods, timeout, topk)
-    pairs = [Pair(key=path.name, a=a.answer(path.name, data), b=b.answer(path.name, data), image=rgb)
-             for path, data, rgb in inputs]
+    a = HTTPSide(url_a, token_a, methods, timeout, topk, metrics)
+    b = HTTPSide(url_b, token_b, methods, timeout, topk, metrics)
+    pairs = _pairs(inputs, lambda name, data, _rgb: a.answer(name, data), lambda name, data, _rgb: b.answer(name, data),
+                   "comparing")
     return pairs, a.model, b.model
 
 
-def collect_export(dir_a: str, dir_b: str, images_dir: str, methods: list[str], topk: int = 5) -> tuple[list[Pair], dict, dict]:
+def collect_export(dir_a: str, dir_b: str, images_dir: str, methods: list[str], topk: int = 5,
+                   metrics: tuple[str, ...] = ()) -> tuple[list[Pair], dict, dict]:
     inputs = read_images(images_dir)
-    a, b = ExportSide(dir_a, methods, topk=topk), ExportSide(dir_b, methods, topk=topk)
-    pairs = [Pair(key=path.name, a=a.answer(rgb), b=b.answer(rgb), image=rgb) for path, _data, rgb in inputs]
+    a = ExportSide(dir_a, methods, topk=topk, metrics=metrics)
+    b = ExportSide(dir_b, methods, topk=topk, metrics=metrics)
+    desc = "comparing" + (f" (+{', '.join(metrics)})" if metrics else "")
+    pairs = _pairs(inputs, lambda _name, _data, rgb: a.answer(rgb), lambda _name, _data, rgb: b.answer(rgb), desc)
     return pairs, a.model, b.model
 
 
@@ -67,24 +87,33 @@ def methods_of(text: str) -> list[str]:
     return methods
 
 
-def collect(args: Any) -> tuple[str, list[Pair], dict, dict]:
-    """(mode, pairs, model A, model B) for the parsed command line; InputError when the mode is ambiguous."""
-    methods = methods_of(args.methods)
+def mode_of(args: Any) -> str:
+    """``export``, ``audit`` or ``http`` from the sides named; InputError when they do not fit one mode."""
     if args.export_a or args.export_b:
         if not (args.export_a and args.export_b and args.images):
             raise InputError("export mode needs --export-a DIR, --export-b DIR and --images DIR")
         if args.a or args.b or args.audit:
             raise InputError("--export-a/--export-b compare two export folders: leave out --a, --b and --audit")
-        return ("export", *collect_export(args.export_a, args.export_b, args.images, methods, args.topk))
+        return "export"
     if not (args.a and args.b):
         raise InputError("name both sides: --a and --b (URLs, or NAME/VERSION with --audit), or --export-a and --export-b")
     if args.audit:
         if args.images:
             raise InputError("--audit compares the inputs both versions answered: leave out --images")
-        return ("audit", *collect_audit(args.audit, args.a, args.b, methods, args.topk))
+        return "audit"
     if not args.images:
         raise InputError("comparing two served models needs --images DIR")
+    return "http"
+
+
+def collect(args: Any, mode: str, metrics: tuple[str, ...] = ()) -> tuple[list[Pair], dict, dict]:
+    """(pairs, model A, model B) for the parsed command line in ``mode`` (:func:`mode_of`)."""
+    methods = methods_of(args.methods)
+    if mode == "export":
+        return collect_export(args.export_a, args.export_b, args.images, methods, args.topk, metrics)
+    if mode == "audit":
+        return collect_audit(args.audit, args.a, args.b, methods, args.topk)
     from camserve.serving.client import token_from
 
     token = token_from(args)
-    return ("http", *collect_http(args.a, args.b, args.images, methods, token, token, args.timeout, args.topk))
+    return collect_http(args.a, args.b, args.images, methods, token, token, args.timeout, args.topk, metrics)
