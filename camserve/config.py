@@ -171,6 +171,32 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Faithfulness scoring sampled on a live endpoint (:mod:`camserve.faithfulness.sampler`).
+
+    A share ``sample_rate`` of explained requests (those that did not ask ``metrics``
+    themselves) is scored with ``sample_metrics`` after the answer has left, in one
+    low-priority background thread per worker; a draw that finds ``sample_queue`` requests
+    already waiting is dropped and counted, so scoring never slows serving down.
+    """
+
+    sample_rate: float = 0.0
+    sample_metrics: str = "road,drop,increase"
+    sample_queue: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ConfigError(f"metrics.sample_rate must be in [0, 1], got {self.sample_rate!r}")
+        _positive("metrics.sample_queue", self.sample_queue)
+        from camserve.faithfulness import parse_metrics
+
+        try:
+            parse_metrics(self.sample_metrics)
+        except CamserveError as exc:
+            raise ConfigError(f"metrics.sample_metrics: {exc}") from None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; see the module docstring for how it is layered."""
 
@@ -178,6 +204,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def frontend_max_request_bytes(self) -> int:
@@ -211,7 +238,7 @@ class Config:
         return Config(**sections)
 
 
-_SECTIONS = ("limits", "server", "runtime", "audit")
+_SECTIONS = ("limits", "server", "runtime", "audit", "metrics")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -86,7 +86,7 @@ class AuditedService(Service):
 def make_service(config: Any, session: Any, recorder: Any = None, *, name: str | None = None, version: str | None = None,
                  metrics_cache: Any = None, base: str | os.PathLike | None = None) -> Service:
     """The worker's service: audited when ``config.audit.enabled`` (else a plain Service)."""
-    kwargs = {"name": name, "version": version}
+    kwargs: dict[str, Any] = {"name": name, "version": version, "sampler": _sampler(config, session, recorder)}
     if not config.audit.enabled:
         return Service(session, config.limits, recorder, **kwargs)
     a = config.audit
@@ -96,4 +96,22 @@ def make_service(config: Any, session: Any, recorder: Any = None, *, name: str |
     audit = AuditLog(sink, AuditMetrics(name, version, metrics_cache), policy=a.policy, queue_size=a.queue_size,
                      timeout_s=a.timeout_s, store_heatmaps=a.store_heatmaps, store_inputs=a.store_inputs)
     log.info("audit log: %s, policy %s, queue %d", sink.describe(), a.policy, a.queue_size)
-    return AuditedService(session, config.limits, recorder, audit=audit, **kwargs)
+    service = AuditedService(session, config.limits, recorder, audit=audit, **kwargs)
+    if service.sampler is not None:  # sampled scores are audited as records of their own
+        service.sampler.on_scored = audit.submit
+    return service
+
+
+def _sampler(config: Any, session: Any, recorder: Any) -> Any:
+    """The background faithfulness sampler when ``metrics.sample_rate`` > 0 (else None)."""
+    m = getattr(config, "metrics", None)
+    if m is None or not m.sample_rate:
+        return None
+    from camserve.faithfulness import parse_metrics
+    from camserve.faithfulness.sampler import Sampler
+    from camserve.pipeline.metrics import Recorder
+
+    recorder = recorder or Recorder(None, session.manifest.model_name, session.manifest.model_version)
+    log.info("faithfulness sampling: %.3g of explained requests, metrics %s, queue %d", m.sample_rate,
+             m.sample_metrics, m.sample_queue)
+    return Sampler(session, parse_metrics(m.sample_metrics), m.sample_rate, m.sample_queue, recorder)

@@ -75,7 +75,7 @@ class Service:
 
     def __init__(self, session: Any, limits: Limits | None = None, recorder: Recorder | None = None,
                  explain: Callable[..., Any] | None = None, name: str | None = None, version: str | None = None,
-                 hooks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
+                 hooks: list[Callable[[dict[str, Any]], None]] | None = None, sampler: Any = None) -> None:
         from camserve import cam
 
         self.session = session
@@ -101,6 +101,9 @@ class Service:
         #: that raises a CamserveError turns that request's answer into that error
         #: (e.g. 503 when no record can be written and the policy is fail-closed).
         self.hooks = list(hooks or [])
+        #: Background faithfulness scoring of a share of explained requests
+        #: (:class:`camserve.faithfulness.sampler.Sampler`; None: off).
+        self.sampler = sampler
 
     # ------------------------------------------------------------------ stages ---
 
@@ -209,6 +212,8 @@ class Service:
                 }
                 m.timings = timings
                 m.batch = len(index)
+                if key != ("predict",) and not key[4] and self.sampler is not None and self.sampler.draw():
+                    self._sample(m, images[pos : pos + n], results[id(m)])
                 pos += n
         return results
 
@@ -268,6 +273,15 @@ class Service:
                     entry["array"] = render.to_float16(cams[t : t + 1]).to_json()
                 out.append(entry)
         return out
+
+    def _sample(self, item: _Item, images: np.ndarray, result: dict[str, Any]) -> None:
+        """Hand a drawn request's maps to the sampler (scored after the answer has left)."""
+        from camserve.faithfulness.sampler import Job
+
+        cams = {meth: c for meth, c in result["cams"].items() if meth != "dff"}
+        if cams:
+            self.sampler.offer(Job(item.request.request_id, self.model_info(), list(item.sha256), images,
+                                   np.asarray(result["logits"]), [list(c) for c in result["classes"]], cams))
 
     def _record_scores(self, scores: dict[str, list[dict[str, np.ndarray]]]) -> None:
         """Every finite metric value into ``camserve_faithfulness{metric, method}``."""
