@@ -292,6 +292,10 @@ def test_client_writes_overlays_and_json(served, tmp_path, capsys):
     overlays = sorted(tmp_path.glob("sample.gradcam.*.overlay.png"))
     assert len(overlays) == 2 and all(decode(p.read_bytes(), 10**6).shape == (48, 40, 3) for p in overlays)
     assert "overlay" not in answer["images"][0]["explanations"][0]  # moved to the file
+    capsys.readouterr()
+    assert main(argv + ["--metrics", "drop,increase", "--output", "summary"]) == 0  # faithfulness, printed and kept
+    metrics = json.loads((tmp_path / "sample.camserve.json").read_text())["images"][0]["explanations"][0]["metrics"]
+    assert set(metrics) == {"drop", "increase"} and f"drop {metrics['drop']:.4g}" in capsys.readouterr().out
     (tmp_path / "bad.png").write_bytes(b"not a png")
     capsys.readouterr()
     assert main(argv[:1] + [str(tmp_path / "bad.png")] + argv[2:]) == 2

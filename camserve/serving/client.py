@@ -127,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         "output": args.output,
         "aug_smooth": "true" if args.aug_smooth else None,
         "eigen_smooth": "true" if args.eigen_smooth else None,
+        "metrics": args.metrics,
     }
     url = explain_url(args.url or server_url(args.run_dir), args.model, args.version)
     for name in args.images:
@@ -145,6 +146,11 @@ def _run(args: argparse.Namespace) -> int:
         written = write_outputs(image, answer, Path(args.out_dir) if args.out_dir else None)
         top = answer["images"][0]["predictions"][0] if answer.get("images") else {}
         print(f"{image}: {top.get('label')} ({top.get('score', 0):.3f}) -> {', '.join(str(p) for p in written)}")
+        for entry in answer.get("images", [])[:1]:
+            for exp in entry.get("explanations", []):
+                if "metrics" in exp:
+                    shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4g}'}" for k, v in exp["metrics"].items())
+                    print(f"  {exp['method']} -> {exp['target']['label']}: {shown}")
     return 0
 
 
@@ -160,6 +166,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output", default="overlay", help="png, overlay, array, summary or none (default overlay)")
     p.add_argument("--aug-smooth", action="store_true")
     p.add_argument("--eigen-smooth", action="store_true")
+    p.add_argument("--metrics", help="faithfulness metrics per explanation: road, road_morf, road_lerf, "
+                                     "confidence_change, drop, increase (comma list; ROAD costs 18 forwards per map)")
     p.add_argument("--out-dir", help="write results here instead of next to the inputs")
     p.add_argument("--token", help="inference token (else read from --key-file or --run-dir)")
     p.add_argument("--key-file", help="TorchServe key_file.json")
