@@ -11,10 +11,15 @@ The removed pixels of one mask are the unknowns of one sparse linear system ``A 
     b[i]    = -sum_j w_ij v_j for a kept neighbour j with value v_j     (one column per channel)
 
 ``-A`` is symmetric and diagonally dominant, strictly wherever a kept pixel is next door;
-with at least one kept pixel it is positive definite. Each mask's system is factorized
-once (LDL^T with an approximate-minimum-degree ordering, ``qdldl``) and solved for every
-channel; masks are solved on a thread pool (the factorization releases the GIL). Gaussian
-noise (std ``noise`` in normalized units) is added to the imputed pixels only.
+with at least one kept pixel it is positive definite, so it needs no pivoting. Each mask's
+system is factorized once (SuperLU through ``scipy.sparse.linalg.splu``, no pivoting) and
+solved for every channel; masks are solved on a thread pool (SuperLU releases the GIL).
+The unknowns are numbered in a nested-dissection order of the pixel grid (computed once
+per image size, :func:`grid_rank`): a row or column of pixels separates the 8-neighbour
+stencil, and numbering separators last keeps the factor's fill near ``n log n``. Restricted
+to any mask's pixels the order is still a nested dissection, and it factorizes 1.1-1.7x
+faster than SuperLU's or qdldl's minimum-degree orderings at 224 px. Gaussian noise (std
+``noise`` in normalized units) is added to the imputed pixels only.
 
 Which pixels go (:func:`keep_masks`): at percentile ``p``, MoRF keeps the ``p`` % of pixels
 with the lowest CAM values (so ``100 - p`` % of the most relevant are removed); LeRF keeps
@@ -23,11 +28,13 @@ the ``p`` % with the highest (the least relevant are removed).
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 #: (row offset, column offset, weight) of the 8 neighbours in the imputation.
 NEIGHBOURS: tuple[tuple[int, int, float], ...] = (
@@ -72,12 +79,39 @@ def keep_masks(cams: np.ndarray, percentile: int, most_relevant_first: bool, see
     return keep.reshape(values.shape)
 
 
+@functools.lru_cache(maxsize=8)
+def grid_rank(h: int, w: int, leaf: int = 32) -> np.ndarray:
+    """Each pixel's position in a nested-dissection order of the ``h x w`` grid: split the
+    longer side at its middle row or column (the separator, numbered after both halves)
+    until a part has at most ``leaf`` pixels."""
+    rows, cols = np.divmod(np.arange(h * w), w)
+    parts: list[np.ndarray] = []
+    stack: list[tuple[np.ndarray, bool]] = [(np.arange(h * w), False)]
+    while stack:  # depth-first: a part's left half, then its right half, then its separator
+        index, is_separator = stack.pop()
+        r, c = rows[index], cols[index]
+        if is_separator or len(index) <= leaf:
+            parts.append(index)
+            continue
+        along_rows = r.max() - r.min() >= c.max() - c.min()
+        coord = r if along_rows else c
+        middle = (int(coord.min()) + int(coord.max())) // 2
+        stack += [(index[coord == middle], True), (index[coord > middle], False), (index[coord < middle], False)]
+    order = np.concatenate(parts)  # each part after everything popped before it: halves, then their separator
+    rank = np.empty(h * w, dtype=np.int64)
+    rank[order] = np.arange(h * w)
+    rank.setflags(write=False)
+    return rank
+
+
 def linear_system(keep: np.ndarray, image: np.ndarray) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
     """``(-A, -b, unknowns)`` of one mask: the positive form of the system in the module
-    docstring, ``-b`` as ``[n, C]``, and the flat indices of the removed pixels."""
+    docstring, ``-b`` as ``[n, C]``, and the flat indices of the removed pixels in the
+    order of the unknowns (:func:`grid_rank`'s)."""
     h, w = keep.shape
     kept = keep.ravel()
     unknown = np.flatnonzero(~kept)
+    unknown = unknown[np.argsort(grid_rank(h, w)[unknown], kind="stable")]
     n = len(unknown)
     index = np.full(h * w, -1, dtype=np.int64)
     index[unknown] = np.arange(n)
@@ -103,10 +137,9 @@ def linear_system(keep: np.ndarray, image: np.ndarray) -> tuple[sp.csc_matrix, n
 
 
 def _solve(matrix: sp.csc_matrix, rhs: np.ndarray) -> np.ndarray:
-    import qdldl
-
-    factor = qdldl.Solver(sp.triu(matrix, format="csc"), upper=True)
-    return np.stack([factor.solve(rhs[:, c]) for c in range(rhs.shape[1])], axis=1)
+    """``matrix^-1 rhs`` in the unknowns' own order (SPD: no pivoting, no reordering)."""
+    factor = spla.splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=0.0, options={"SymmetricMode": True})
+    return factor.solve(rhs)
 
 
 def impute_one(image: np.ndarray, keep: np.ndarray, noise: float = NOISE, seed: int = 0) -> np.ndarray | None:
