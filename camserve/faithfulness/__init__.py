@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from camserve.errors import InputError
-from camserve.faithfulness.road import NOISE, PERCENTILES, impute, keep_masks
+from camserve.faithfulness.road import NOISE, PERCENTILES, impute, kept_count, removal_rank
 
 METRIC_NAMES: tuple[str, ...] = ("road", "road_morf", "road_lerf", "confidence_change", "drop", "increase")
 ROAD_METRICS = ("road", "road_morf", "road_lerf")
@@ -129,7 +129,9 @@ def _road_curve(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
                 base: np.ndarray, most_relevant_first: bool, noise: float, seed: int, threads: int | None) -> np.ndarray:
     """Mean over :data:`PERCENTILES` of the probability change after ROAD's removal."""
     p = len(PERCENTILES)
-    keep = np.stack([keep_masks(cams, q, most_relevant_first) for q in PERCENTILES], axis=1)  # [R, P, H, W]
+    rank = removal_rank(cams, most_relevant_first)[:, None]  # one sort per map serves every percentile
+    counts = np.array([kept_count(rank[0].size, q) for q in PERCENTILES])
+    keep = rank < counts[None, :, None, None]  # [R, P, H, W]
     flat_keep = keep.reshape(-1, *cams.shape[1:])
     source = np.repeat(images, p, axis=0)  # row r, percentile j at r * P + j
     imputed, ok = impute(source, flat_keep, noise=noise, seed=seed, threads=threads)

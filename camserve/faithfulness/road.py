@@ -54,18 +54,12 @@ def kept_count(pixels: int, percentile: int) -> int:
     return -(-(pixels - 1) * int(percentile) // 100)
 
 
-def keep_masks(cams: np.ndarray, percentile: int, most_relevant_first: bool, seed: int = 0) -> np.ndarray:
-    """Pixels kept at ``percentile``: bool ``[R, H, W]`` from maps ``[R, H, W]`` in [0, 1].
+def removal_rank(cams: np.ndarray, most_relevant_first: bool, seed: int = 0) -> np.ndarray:
+    """Each pixel's rank int64 ``[R, H, W]`` in the order pixels are kept (0 = kept first).
 
-    MoRF keeps the :func:`kept_count` pixels of lowest CAM value, LeRF those of lowest
-    ``1 - cam`` (both in float32, as the maps are). Ties are broken by a fixed pseudo-random
-    order of the pixels (``seed``), so exactly that many are kept and, among equal values,
-    scattered over the image.
-
-    Where no two values tie this is pytorch-grad-cam's ``cam < np.percentile(cam, p)``. Where
-    they do, it is not, on purpose: a ReLU'd map (GradCAM) is exactly 0 on much of the image,
-    and when more than ``p`` % of it is 0 that threshold keeps no pixel at all, which leaves
-    the imputation without data (a singular system: NaN scores in pytorch-grad-cam).
+    MoRF keeps the lowest CAM values first, LeRF the lowest ``1 - cam`` (both in float32, as
+    the maps are). Ties are broken by a fixed pseudo-random order of the pixels (``seed``),
+    so that among equal values the kept ones are scattered over the image.
     """
     values = np.asarray(cams, dtype=np.float32)
     if not most_relevant_first:
@@ -73,10 +67,23 @@ def keep_masks(cams: np.ndarray, percentile: int, most_relevant_first: bool, see
     r, pixels = len(values), values[0].size if len(values) else 0
     flat = values.reshape(r, pixels)
     tie_break = np.random.default_rng(seed).random(pixels)
-    order = np.lexsort((np.broadcast_to(tie_break, flat.shape), flat), axis=-1)[:, : kept_count(pixels, percentile)]
-    keep = np.zeros(flat.shape, dtype=bool)
-    np.put_along_axis(keep, order, True, axis=1)
-    return keep.reshape(values.shape)
+    order = np.lexsort((np.broadcast_to(tie_break, flat.shape), flat), axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(pixels)[None, :], axis=1)
+    return rank.reshape(values.shape)
+
+
+def keep_masks(cams: np.ndarray, percentile: int, most_relevant_first: bool, seed: int = 0) -> np.ndarray:
+    """Pixels kept at ``percentile``: bool ``[R, H, W]`` from maps ``[R, H, W]`` in [0, 1]:
+    the :func:`kept_count` pixels of lowest :func:`removal_rank`.
+
+    Where no two values tie this is pytorch-grad-cam's ``cam < np.percentile(cam, p)``. Where
+    they do, it is not, on purpose: a ReLU'd map (GradCAM) is exactly 0 on much of the image,
+    and when more than ``p`` % of it is 0 that threshold keeps no pixel at all, which leaves
+    the imputation without data (a singular system: NaN scores in pytorch-grad-cam).
+    """
+    rank = removal_rank(cams, most_relevant_first, seed)
+    return rank < kept_count(rank[0].size if len(rank) else 0, percentile)
 
 
 @functools.lru_cache(maxsize=8)
