@@ -75,6 +75,9 @@ class LayerSpec:
         return self.grid
 
 
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Metadata of one exported model (see the module docstring for the graph contract)."""
@@ -106,11 +109,28 @@ class Manifest:
     #: (the runtime then cuts it from ``graph_file`` at load).
     forward_graph_file: str | None = None
     forward_graph_sha256: str = ""
+    #: What turns the outputs into probabilities: ``softmax`` (one class of K) or ``sigmoid``
+    #: (independent labels: multi-label, or a binary head with K = 1). With ``sigmoid``
+    #: predictions list the labels whose probability is at least ``threshold``.
+    output_activation: str = "softmax"
+    threshold: float = 0.5
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.output_activation not in OUTPUT_ACTIVATIONS:
+            raise ManifestError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}, got {self.output_activation!r}")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ManifestError(f"threshold must be in (0, 1), got {self.threshold!r}")
 
     @property
     def num_outputs(self) -> int:
         return len(self.labels)
+
+    @property
+    def binary(self) -> bool:
+        """A single sigmoid output: one label, present or absent (pytorch-grad-cam's
+        ``BinaryClassifierOutputTarget`` explains either category)."""
+        return self.output_activation == "sigmoid" and self.num_outputs == 1
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

@@ -159,6 +159,8 @@ def export_model(
     layouts: dict[str, str] | None = None,
     head: bool = False,
     extras: Sequence[str] = (),
+    output_activation: str = "softmax",
+    threshold: float = 0.5,
     check: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
@@ -167,7 +169,9 @@ def export_model(
     Writes ``out_dir/model.onnx`` and ``out_dir/manifest.json`` (and ``head.onnx`` with
     ``head=True`` where the first target layer is a cut of the model, and one graph per
     name in ``extras``: ``fullgrad``, ``guided``, ``shapley``, see
-    :mod:`camserve.export.extras`). With ``check``
+    :mod:`camserve.export.extras`). ``output_activation`` (``softmax`` or ``sigmoid``: a
+    multi-label or binary head) and ``threshold`` say how answers turn outputs into
+    predictions. With ``check``
     the graph is compared with PyTorch autograd first (see ``camserve.export.parity``)
     and nothing is written when they disagree.
     """
@@ -179,6 +183,10 @@ def export_model(
     if channel_order not in ("RGB", "BGR"):
         raise ExportError(f"channel_order must be RGB or BGR, got {channel_order!r}")
     extras = extra_graphs.check_extras(extras)
+    if output_activation not in ("softmax", "sigmoid"):
+        raise ExportError(f"output_activation must be softmax or sigmoid, got {output_activation!r}")
+    if not 0.0 < threshold < 1.0:
+        raise ExportError(f"threshold must be in (0, 1), got {threshold!r}")
     model = model.eval()
     resolved = [resolve.resolve_layer(model, path) for path in target_layers]
     names = [name for name, _ in resolved]
@@ -263,6 +271,8 @@ def export_model(
             extras=extra_files,
             forward_graph_file=FORWARD_FILE,
             forward_graph_sha256=sha256_file(tmp / FORWARD_FILE),
+            output_activation=output_activation,
+            threshold=float(threshold),
         )
         for name in [GRAPH_FILE, FORWARD_FILE] + ([HEAD_FILE] if head_file else []) + [e["file"] for e in extra_files.values()]:
             shutil.move(str(tmp / name), out_dir / name)

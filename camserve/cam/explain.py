@@ -35,7 +35,7 @@ from camserve.cam import dff
 from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
 from camserve.cam.scaling import combine_layers, minmax, resize_maps
-from camserve.cam.targets import Rows, Target, expand_targets, finer_cotangent
+from camserve.cam.targets import SCORES, Rows, Target, expand_targets, finer_cotangent, resolve_binary, score_cotangent
 
 
 @dataclass
@@ -110,6 +110,11 @@ class _Runs:
     def forward(self) -> GraphOutputs:
         return self.call(self.session.run, self.images)
 
+    def forward_logits(self) -> np.ndarray:
+        """Logits of the images through the forward-only graph where the session has one."""
+        fn = getattr(self.session, "forward_logits", None) or self.session.logits
+        return self.call(fn, self.images)
+
     def targets(self, rows: Rows, num_classes: int) -> GraphOutputs:
         """One run with a gradient per row: one-hot cotangents for explicit classes, the
         graph's ``target_rank`` input for ranked ones (every exported graph has it)."""
@@ -125,12 +130,16 @@ def explain(
     eigen_smooth: bool = False,
     aug_smooth: bool = False,
     components: int = DEFAULT_COMPONENTS,
+    score: str = "logit",
 ) -> Explanation:
     """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
 
     ``session`` is a :class:`camserve.pipeline.runtime.GraphSession` (or anything with its ``manifest``,
     ``run``, ``logits``, ``head_logits`` and ``check_images``). ``targets[i]`` is a list of
-    class indices or :class:`TopK`. ``components``: DFF's concepts per image. Raises
+    class indices or :class:`TopK`. ``components``: DFF's concepts per image. ``score``
+    (:data:`camserve.cam.targets.SCORES`): what the gradient methods explain; ``softmax``
+    costs one forward first (the cotangent needs the probabilities), and a one-output
+    sigmoid head (``manifest.binary``) always explains ``binary`` categories 0 / 1. Raises
     InputError naming a bad method, target or shape.
     """
     start = time.perf_counter()
@@ -142,7 +151,17 @@ def explain(
     layers = manifest.target_layers
     size = (images.shape[2], images.shape[3])
     n, k = images.shape[0], manifest.num_outputs
-    rows = expand_targets(targets, n, k)
+    binary = bool(getattr(manifest, "binary", False))
+    if score not in SCORES:
+        raise InputError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+    if binary:
+        score = "binary"
+    elif score == "binary":
+        raise InputError(f"score=binary needs a sigmoid head with one output, this model has {k} {manifest.output_activation} outputs")
+    if score != "logit" and any(s.source not in ("gradients", "activations") for s in specs):
+        others = [s.name for s in specs if s.source not in ("gradients", "activations")]
+        raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
+    rows = expand_targets(targets, n, 2 if binary else k)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
     if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
@@ -153,7 +172,15 @@ def explain(
     u = n * copies
 
     first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
-    if any(s.main_gradients for s in specs):
+    if score != "logit":
+        # the cotangent depends on the logits: a forward first, then one run with it
+        logits_u = runs.forward_logits()
+        row_logits = logits_u[all_rows.image]
+        row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
+        cotangent = score_cotangent(score, row_logits, row_class)
+        out = runs.call(session.run, runs.images[all_rows.image], cotangent)
+        acts_u = [a[first] for a in out.activations]
+    elif any(s.main_gradients for s in specs):
         out = runs.targets(all_rows, k)
         logits_u = out.logits[first]
         acts_u = [a[first] for a in out.activations]
@@ -165,8 +192,9 @@ def explain(
     else:
         out = runs.forward()
         logits_u, acts_u = out.logits, out.activations
-    row_logits = logits_u[all_rows.image]
-    row_class = all_rows.resolve(row_logits)
+    if score == "logit":
+        row_logits = logits_u[all_rows.image]
+        row_class = all_rows.resolve(row_logits)
 
     cams: dict[str, list[np.ndarray]] = {}
     ratios: dict[str, list[np.ndarray]] = {}

@@ -141,3 +141,43 @@ def finer_cotangent(logits: np.ndarray, main: np.ndarray, comparisons: int = 3, 
     d_b = ps - p * b_sum
     b = b_sum + 1e-9
     return ((d_a * b - a_sum * d_b) / (b * b)).astype(np.float32)
+
+
+#: What a gradient explains (pytorch-grad-cam's targets): ``logit`` the class's output
+#: (``ClassifierOutputTarget``), ``softmax`` its softmax probability
+#: (``ClassifierOutputSoftmaxTarget``), ``binary`` a single sigmoid output for category 1 or
+#: its negation for category 0 (``BinaryClassifierOutputTarget``).
+SCORES = ("logit", "softmax", "binary")
+
+
+def resolve_binary(rows: Rows, logits: np.ndarray) -> np.ndarray:
+    """Each row's category (0 or 1) on a one-output head: the explicit one, else by rank in
+    the order of the categories' scores (``z`` for 1, ``-z`` for 0; rank 0 = predicted)."""
+    z = logits[:, 0]
+    first = (z > 0).astype(np.int64)  # the predicted category
+    ranked = np.where(rows.rank == 0, first, 1 - first)
+    return np.where(rows.cls >= 0, rows.cls, ranked).astype(np.int64)
+
+
+def score_cotangent(score: str, logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``d score / d logits`` ``[R, K]`` of each row's target (``logits`` ``[R, K]``, ``classes`` ``[R]``).
+
+    ``softmax``: ``p_c (e_c - p)``; ``binary``: ``+1`` for category 1, ``-1`` for 0 on the one
+    output; ``logit``: ``e_c``.
+    """
+    r, k = logits.shape
+    rows = np.arange(r)
+    if score == "binary":
+        if k != 1:
+            raise InputError(f"score=binary needs a head with one output, this model has {k}")
+        return np.where(classes == 1, 1.0, -1.0).astype(np.float32)[:, None]
+    one_hot = np.zeros((r, k))
+    one_hot[rows, classes] = 1.0
+    if score == "logit":
+        return one_hot.astype(np.float32)
+    if score != "softmax":
+        raise InputError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    return (p[rows, classes][:, None] * (one_hot - p)).astype(np.float32)
