@@ -85,6 +85,7 @@ def score_maps(
     noise: float = NOISE,
     seed: int = 0,
     threads: int | None = None,
+    probabilities: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The asked ``metrics`` of ``R`` maps: ``{name: float64 [R]}`` (NaN where undefined).
 
@@ -92,8 +93,11 @@ def score_maps(
     ``[R, 3, H, W]`` preprocessed float32 (row ``r`` is the image of map ``r``); ``cams``
     ``[R, H, W]`` in [0, 1] at the images' size; ``classes`` ``[R]`` target classes;
     ``base_logits`` ``[R, K]`` the unperturbed logits when known (else one forward).
-    ``road`` also answers ``road_morf`` and ``road_lerf``.
+    ``road`` also answers ``road_morf`` and ``road_lerf``. ``probabilities``: logits ``[B, K]``
+    -> the probabilities that ``classes`` index (default softmax; a sigmoid head's come from
+    :func:`camserve.heads.probabilities`).
     """
+    prob = probabilities or softmax
     metrics = parse_metrics(metrics)
     images = np.ascontiguousarray(images, dtype=np.float32)
     cams = np.asarray(cams, dtype=np.float32)
@@ -103,7 +107,7 @@ def score_maps(
         raise InputError(f"score_maps needs cams [{r}, {images.shape[2]}, {images.shape[3]}] and classes [{r}], "
                          f"got {list(cams.shape)} and {list(classes.shape)}")
     rows = np.arange(r)
-    base = softmax(base_logits if base_logits is not None else _chunked(forward, images))[rows, classes]
+    base = prob(base_logits if base_logits is not None else _chunked(forward, images))[rows, classes]
     out: dict[str, np.ndarray] = {}
     wanted_road = [m for m in ROAD_METRICS if m in metrics]
     if wanted_road:
@@ -113,11 +117,11 @@ def score_maps(
         if "road" in metrics or "road_lerf" in metrics:
             orders.append(("road_lerf", False))
         for name, morf in orders:
-            out[name] = _road_curve(forward, images, cams, classes, base, morf, noise, seed, threads)
+            out[name] = _road_curve(forward, prob, images, cams, classes, base, morf, noise, seed, threads)
         if "road" in metrics:
             out["road"] = (out["road_lerf"] - out["road_morf"]) / 2.0
     if any(m in CAM_MULT_METRICS for m in metrics):
-        probs = softmax(_chunked(forward, images * cams[:, None]))[rows, classes]
+        probs = prob(_chunked(forward, images * cams[:, None]))[rows, classes]
         diff = probs.astype(np.float32) - base.astype(np.float32)
         out["confidence_change"] = diff.astype(np.float64)
         out["drop"] = np.maximum(-diff, 0).astype(np.float64)
@@ -125,7 +129,7 @@ def score_maps(
     return {name: out[name] for name in METRIC_NAMES if name in out and (name in metrics or name in ROAD_METRICS)}
 
 
-def _road_curve(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray, cams: np.ndarray, classes: np.ndarray,
+def _road_curve(forward: Callable[[np.ndarray], np.ndarray], prob: Callable[[np.ndarray], np.ndarray], images: np.ndarray, cams: np.ndarray, classes: np.ndarray,
                 base: np.ndarray, most_relevant_first: bool, noise: float, seed: int, threads: int | None) -> np.ndarray:
     """Mean over :data:`PERCENTILES` of the probability change after ROAD's removal."""
     p = len(PERCENTILES)
@@ -135,7 +139,7 @@ def _road_curve(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     flat_keep = keep.reshape(-1, *cams.shape[1:])
     source = np.repeat(images, p, axis=0)  # row r, percentile j at r * P + j
     imputed, ok = impute(source, flat_keep, noise=noise, seed=seed, threads=threads)
-    probs = softmax(_chunked(forward, imputed))[np.arange(len(imputed)), np.repeat(classes, p)]
+    probs = prob(_chunked(forward, imputed))[np.arange(len(imputed)), np.repeat(classes, p)]
     diff = (probs.astype(np.float32) - np.repeat(base, p).astype(np.float32)).reshape(-1, p)
     diff = np.where(ok.reshape(-1, p), diff, np.nan)
     return diff.astype(np.float64).mean(axis=1)

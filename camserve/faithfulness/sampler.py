@@ -114,7 +114,7 @@ class Sampler:
 
         methods = list(job.cams)
         holder = type("Forward", (), {"forward_logits": staticmethod(self._forward_logits)})
-        scores, seconds = score_explanation(holder, job.images, _Explained(job), methods, self.metrics)
+        scores, seconds = score_explanation(holder, job.images, _Explained(job), methods, self.metrics, self.session.manifest)
         entries = []
         for method, per_image in scores.items():
             for i, values in enumerate(per_image):

@@ -26,6 +26,11 @@ metrics        comma list of faithfulness metrics:    none
                ``road``, ``road_morf``, ``road_lerf``,
                ``confidence_change``, ``drop``,
                ``increase`` (:mod:`camserve.faithfulness`)
+score          what gradient methods explain:         ``logit`` (``binary`` on a
+               ``logit``, ``softmax`` (probability),  one-output sigmoid head)
+               ``binary`` (:mod:`camserve.heads`)
+threshold      number in (0, 1): sigmoid heads list   the manifest's
+               labels at least this probable
 =============  =====================================  =======================================
 
 On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
@@ -43,7 +48,9 @@ from typing import Any, Iterable, Mapping
 
 from camserve.errors import InputError
 
-PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components", "metrics")
+PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components", "metrics",
+               "score", "threshold")
+SCORES = ("logit", "softmax", "binary")
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
 DEFAULT_TOPK = 3
@@ -88,6 +95,8 @@ class RequestParams:
     eigen_smooth: bool = False
     components: int = DEFAULT_COMPONENTS
     metrics: tuple[str, ...] = ()
+    score: str = "logit"
+    threshold: float | None = None
 
     @property
     def n_targets(self) -> int:
@@ -183,6 +192,24 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))  # drop repeats, keep order
 
 
+def _score(value: Any) -> str:
+    text = as_text("score", value).lower()
+    if text not in SCORES:
+        raise BadParameter(f"parameter score={text!r} is not one of {', '.join(SCORES)}")
+    return text
+
+
+def _threshold(value: Any) -> float:
+    text = as_text("threshold", value)
+    try:
+        number = float(text)
+    except ValueError:
+        raise BadParameter(f"parameter threshold={text!r} is not a number") from None
+    if not 0.0 < number < 1.0:
+        raise BadParameter(f"parameter threshold={text!r} is out of range (0, 1)")
+    return number
+
+
 def _metrics(value: Any) -> tuple[str, ...]:
     from camserve.faithfulness import parse_metrics
 
@@ -254,7 +281,8 @@ def parse_params(
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
     known = tuple(known_methods)
-    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics"))
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics", "score"))
+    threshold = _threshold(raw["threshold"]) if "threshold" in raw else None
     output = _names("output", raw["output"]) if "output" in raw else None
     for form in output or ():
         if form not in OUTPUTS:
@@ -265,7 +293,7 @@ def parse_params(
     if not explain:
         if output not in (None, ("none",)) or asks:
             raise BadParameter("parameter explain=false contradicts the explanation parameters given")
-        return RequestParams(explain=False)
+        return RequestParams(explain=False, threshold=threshold)
     methods = _names("methods", raw["methods"]) if "methods" in raw else ("gradcam",)
     for method in methods:
         if method not in known:
@@ -287,6 +315,8 @@ def parse_params(
         eigen_smooth=_bool("eigen_smooth", raw["eigen_smooth"]) if "eigen_smooth" in raw else False,
         components=_int("components", raw["components"]) if "components" in raw else DEFAULT_COMPONENTS,
         metrics=_metrics(raw["metrics"]) if "metrics" in raw else (),
+        score=_score(raw["score"]) if "score" in raw else "logit",
+        threshold=threshold,
     )
     if params.metrics and "dff" in methods:
         raise BadParameter("parameter metrics is not defined for method dff (a concept map has no target class to score)")
@@ -298,5 +328,5 @@ def parse_params(
     if params.n_targets > max_targets:
         raise BadParameter(f"the request asks for {params.n_targets} targets, more than the limit of {max_targets}")
     if output == ("none",):
-        return RequestParams(explain=False)
+        return RequestParams(explain=False, threshold=threshold)
     return params

@@ -14,11 +14,14 @@ import numpy as np
 
 
 def score_explanation(session: Any, images: np.ndarray, explanation: Any, methods: Sequence[str],
-                      metrics: Sequence[str]) -> tuple[dict[str, list[dict[str, np.ndarray]]], float]:
+                      metrics: Sequence[str], manifest: Any = None) -> tuple[dict[str, list[dict[str, np.ndarray]]], float]:
     """``({method: [per image {metric: float64 [T_i]}]}, seconds)`` for the maps of ``explanation``
-    (``camserve.cam.explain``'s answer for preprocessed ``images`` [N, 3, H, W])."""
+    (``camserve.cam.explain``'s answer for preprocessed ``images`` [N, 3, H, W]); probabilities
+    by the head of ``manifest`` (default: the session's)."""
+    from camserve import heads
     from camserve.faithfulness import score_maps
 
+    manifest = manifest if manifest is not None else session.manifest
     start = time.perf_counter()
     counts = [len(c) for c in explanation.classes]
     image_rows = np.repeat(np.arange(len(counts)), counts)
@@ -26,7 +29,8 @@ def score_explanation(session: Any, images: np.ndarray, explanation: Any, method
     cams = np.concatenate([np.concatenate(explanation.cams[m], axis=0) for m in methods], axis=0)
     rows = np.tile(image_rows, len(methods))
     scores = score_maps(session.forward_logits, images[rows], cams, np.tile(class_rows, len(methods)), metrics,
-                        base_logits=explanation.logits[rows])
+                        base_logits=explanation.logits[rows],
+                        probabilities=lambda z: heads.probabilities(z, manifest))
     out: dict[str, list[dict[str, np.ndarray]]] = {}
     r, splits = len(image_rows), np.cumsum(counts)[:-1]
     for j, method in enumerate(methods):

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from camserve import heads
 from camserve.pipeline import imageio
 from camserve.pipeline import render
 from camserve.config import Limits
@@ -118,7 +119,7 @@ class Service:
             raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
             item.params = parse_params(
                 raw,
-                num_classes=self.manifest.num_outputs,
+                num_classes=heads.num_targets(self.manifest),
                 known_methods=self.methods,
                 explain_default=item.request.explain_route,
                 max_targets=self.limits.max_targets,
@@ -128,6 +129,7 @@ class Service:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a client sends, a parse failure is a 400
             raise BadParameter(f"the parameters cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
+        self._check_head_params(item.params)
         for method in item.params.methods if item.params.explain else ():
             if method in self.unavailable:
                 raise BadParameter(f"method {method!r} is not available for model {self.name!r}: {self.unavailable[method]}")
@@ -151,6 +153,28 @@ class Service:
                                    f"{item.params.n_targets} targets x {len(item.params.methods)} methods), more than "
                                    f"the limit of {self.limits.max_metric_maps}")
 
+    def _check_head_params(self, params: RequestParams) -> None:
+        """``threshold`` and ``score`` that the model's head cannot honour are 400s."""
+        m = self.manifest
+        if params.threshold is not None and m.output_activation != "sigmoid":
+            raise BadParameter(f"parameter threshold applies to sigmoid heads; model {self.name!r} has a {m.output_activation} head")
+        if params.score == "binary" and not m.binary:
+            raise BadParameter(f"parameter score=binary needs a one-output sigmoid head; model {self.name!r} has "
+                               f"{m.num_outputs} {m.output_activation} outputs")
+        if params.score == "softmax" and m.binary:
+            raise BadParameter(f"parameter score=softmax is not defined for model {self.name!r}'s one-output head (use binary)")
+        if params.explain and params.score != "logit":
+            others = [n for n in params.methods if self._source(n) not in ("gradients", "activations")]
+            if others:
+                raise BadParameter(f"parameter score={params.score} applies to the gradient methods of the main graph, "
+                                   f"not to {', '.join(others)}")
+
+    @staticmethod
+    def _source(method: str) -> str:
+        from camserve import cam
+
+        return cam.get_method(method).source
+
     def _targets(self, params: RequestParams) -> Any:
         from camserve.cam import TopK
 
@@ -161,7 +185,7 @@ class Service:
         groups: dict[tuple, list[_Item]] = {}
         for item in items:
             p = item.params
-            key = ((p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0, p.metrics)
+            key = ((p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0, p.metrics, p.score)
                    if p.explain else ("predict",))
             groups.setdefault(key, []).append(item)
         results: dict[int, dict[str, Any]] = {}
@@ -177,10 +201,12 @@ class Service:
                     out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}, "concepts": [],
                            "metrics": {}}
                 else:
-                    methods, aug, eigen, components, metrics = key
+                    methods, aug, eigen, components, metrics, score = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
                     start = time.perf_counter()
                     extra = {"components": components} if "dff" in methods else {}
+                    if score != "logit":
+                        extra["score"] = score
                     exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug, **extra)
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
@@ -219,10 +245,10 @@ class Service:
 
     def _answer(self, item: _Item, result: dict[str, Any]) -> dict[str, Any]:
         params = item.params
-        probs = softmax(np.asarray(result["logits"], dtype=np.float64))
+        probs = heads.probabilities(result["logits"], self.manifest)
         images = []
         for i, (name, rgb) in enumerate(zip(item.names, item.images)):
-            order = np.argsort(-probs[i], kind="stable")[: min(TOP_PREDICTIONS, probs.shape[1])]
+            order = heads.predicted(probs[i], self.manifest, params.threshold)
             entry: dict[str, Any] = {
                 "field": name,
                 "width": int(rgb.shape[1]),
@@ -235,8 +261,8 @@ class Service:
         return {"images": images}
 
     def _class(self, index: int, probs: np.ndarray) -> dict[str, Any]:
-        label = self.labels[index] if index < len(self.labels) else str(index)
-        return {"index": index, "label": label, "score": round(float(probs[index]), 6)}
+        """A class (a binary head's category) with its probability (:mod:`camserve.heads`)."""
+        return {"index": index, "label": heads.label(index, self.manifest), "score": round(float(probs[index]), 6)}
 
     def _explanations(self, rgb: np.ndarray, probs: np.ndarray, result: dict[str, Any], i: int,
                       params: RequestParams) -> list[dict[str, Any]]:
