@@ -76,6 +76,7 @@ class LayerSpec:
 
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+KINDS = ("classifier", "embedding")
 
 
 @dataclass(frozen=True)
@@ -114,17 +115,26 @@ class Manifest:
     #: predictions list the labels whose probability is at least ``threshold``.
     output_activation: str = "softmax"
     threshold: float = 0.5
+    #: ``classifier`` (outputs are class scores) or ``embedding`` (outputs are an embedding
+    #: ``[N, D]``; targets are cosine similarities to concepts, :mod:`camserve.concepts`).
+    kind: str = "classifier"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.output_activation not in OUTPUT_ACTIVATIONS:
             raise ManifestError(f"output_activation must be one of {', '.join(OUTPUT_ACTIVATIONS)}, got {self.output_activation!r}")
+        if self.kind not in KINDS:
+            raise ManifestError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not 0.0 < float(self.threshold) < 1.0:
             raise ManifestError(f"threshold must be in (0, 1), got {self.threshold!r}")
 
     @property
     def num_outputs(self) -> int:
         return len(self.labels)
+
+    @property
+    def embedding(self) -> bool:
+        return self.kind == "embedding"
 
     @property
     def binary(self) -> bool:

@@ -161,6 +161,7 @@ def export_model(
     extras: Sequence[str] = (),
     output_activation: str = "softmax",
     threshold: float = 0.5,
+    kind: str = "classifier",
     check: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
@@ -171,7 +172,8 @@ def export_model(
     name in ``extras``: ``fullgrad``, ``guided``, ``shapley``, see
     :mod:`camserve.export.extras`). ``output_activation`` (``softmax`` or ``sigmoid``: a
     multi-label or binary head) and ``threshold`` say how answers turn outputs into
-    predictions. With ``check``
+    predictions; ``kind="embedding"``: the output is an embedding (explained as cosine
+    similarity to concepts, :mod:`camserve.concepts`). With ``check``
     the graph is compared with PyTorch autograd first (see ``camserve.export.parity``)
     and nothing is written when they disagree.
     """
@@ -187,6 +189,8 @@ def export_model(
         raise ExportError(f"output_activation must be softmax or sigmoid, got {output_activation!r}")
     if not 0.0 < threshold < 1.0:
         raise ExportError(f"threshold must be in (0, 1), got {threshold!r}")
+    if kind not in ("classifier", "embedding"):
+        raise ExportError(f"kind must be classifier or embedding, got {kind!r}")
     model = model.eval()
     resolved = [resolve.resolve_layer(model, path) for path in target_layers]
     names = [name for name, _ in resolved]
@@ -198,7 +202,9 @@ def export_model(
     store: list[torch.Tensor] = []
     with torch.no_grad(), trace.leaf_hooks(modules, store):
         num_outputs = resolve.check_output(model(torch.zeros(1, 3, *size)))
-    label_list = resolve.read_labels(labels_file, labels, num_outputs)
+    if kind == "embedding" and (labels is not None or labels_file is not None):
+        raise ExportError("an embedding model has no labels (its outputs are embedding dimensions)")
+    label_list = [f"dim_{i}" for i in range(num_outputs)] if kind == "embedding" else resolve.read_labels(labels_file, labels, num_outputs)
     layers = [
         infer_layout(name, act.shape[1:], size, (layouts or {}).get(name) or (layouts or {}).get(path))
         for name, path, act in zip(names, target_layers, store)
@@ -273,6 +279,7 @@ def export_model(
             forward_graph_sha256=sha256_file(tmp / FORWARD_FILE),
             output_activation=output_activation,
             threshold=float(threshold),
+            kind=kind,
         )
         for name in [GRAPH_FILE, FORWARD_FILE] + ([HEAD_FILE] if head_file else []) + [e["file"] for e in extra_files.values()]:
             shutil.move(str(tmp / name), out_dir / name)

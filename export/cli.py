@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax (one class) or sigmoid (multi-label, or a binary head with one output)")
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid heads: probability at which a label is predicted")
+    p.add_argument("--kind", choices=("classifier", "embedding"), default="classifier",
+                   help="embedding: the model outputs an embedding, explained as cosine similarity to concepts")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
             model_name=name, model_version=args.version, mean=args.mean, std=args.std,
             channel_order=args.channel_order, layouts=layouts, head=args.head, extras=args.extras,
-            output_activation=args.output_activation, threshold=args.threshold,
+            output_activation=args.output_activation, threshold=args.threshold, kind=args.kind,
             log=lambda msg: print(msg, file=sys.stderr),
         )
     layers = ", ".join(f"{lay.name} ({lay.layout} {list(lay.shape)})" for lay in manifest.target_layers)

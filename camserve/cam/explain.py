@@ -35,6 +35,7 @@ from camserve.cam import dff
 from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
 from camserve.cam.scaling import combine_layers, minmax, resize_maps
+from camserve.concepts import cosine_cotangent
 from camserve.cam.targets import SCORES, Rows, Target, expand_targets, finer_cotangent, resolve_binary, score_cotangent
 
 
@@ -131,6 +132,7 @@ def explain(
     aug_smooth: bool = False,
     components: int = DEFAULT_COMPONENTS,
     score: str = "logit",
+    concepts: np.ndarray | None = None,
 ) -> Explanation:
     """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
 
@@ -139,8 +141,10 @@ def explain(
     class indices or :class:`TopK`. ``components``: DFF's concepts per image. ``score``
     (:data:`camserve.cam.targets.SCORES`): what the gradient methods explain; ``softmax``
     costs one forward first (the cotangent needs the probabilities), and a one-output
-    sigmoid head (``manifest.binary``) always explains ``binary`` categories 0 / 1. Raises
-    InputError naming a bad method, target or shape.
+    sigmoid head (``manifest.binary``) always explains ``binary`` categories 0 / 1. An
+    embedding model (``manifest.embedding``) explains the cosine similarity to
+    ``concepts[c]`` (``[C, D]``; targets are concept indices; :mod:`camserve.concepts`).
+    Raises InputError naming a bad method, target or shape.
     """
     start = time.perf_counter()
     specs = _parse_methods(methods)
@@ -152,16 +156,22 @@ def explain(
     size = (images.shape[2], images.shape[3])
     n, k = images.shape[0], manifest.num_outputs
     binary = bool(getattr(manifest, "binary", False))
+    embedding = bool(getattr(manifest, "embedding", False))
     if score not in SCORES:
         raise InputError(f"unknown score {score!r} (known: {', '.join(SCORES)})")
-    if binary:
+    if embedding:
+        if concepts is None or np.ndim(concepts) != 2 or np.shape(concepts)[1] != k:
+            raise InputError(f"an embedding model explains similarity to concepts: give concepts [C, {k}], "
+                             f"got {None if concepts is None else list(np.shape(concepts))}")
+        score = "cosine"
+    elif binary:
         score = "binary"
     elif score == "binary":
         raise InputError(f"score=binary needs a sigmoid head with one output, this model has {k} {manifest.output_activation} outputs")
     if score != "logit" and any(s.source not in ("gradients", "activations") for s in specs):
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
-    rows = expand_targets(targets, n, 2 if binary else k)
+    rows = expand_targets(targets, n, len(concepts) if embedding else 2 if binary else k)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
     if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
@@ -176,8 +186,14 @@ def explain(
         # the cotangent depends on the logits: a forward first, then one run with it
         logits_u = runs.forward_logits()
         row_logits = logits_u[all_rows.image]
-        row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
-        cotangent = score_cotangent(score, row_logits, row_class)
+        if embedding:
+            if (all_rows.cls < 0).any():
+                raise InputError("an embedding model's targets are concept indices, not top-k ranks")
+            row_class = all_rows.cls
+            cotangent = cosine_cotangent(row_logits, np.asarray(concepts)[row_class])
+        else:
+            row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
+            cotangent = score_cotangent(score, row_logits, row_class)
         out = runs.call(session.run, runs.images[all_rows.image], cotangent)
         acts_u = [a[first] for a in out.activations]
     elif any(s.main_gradients for s in specs):
