@@ -8,7 +8,7 @@ tutorial, ``SimilarityToConceptTarget``). A concept is either
 * **registered** with the model: ``camserve concepts add EXPORT --name car car1.jpg car2.jpg``
   stores the mean embedding of the images under ``car`` in ``EXPORT/concepts.npz`` (the
   archive carries it); requests name it, ``concept=car``;
-* **sent** with the request: a multipart part named ``concept`` holding an image, embedded
+* **sent** with the request: a multipart part named ``concept_image``, embedded
   with the same forward graph (one more forward).
 
 The gradient of ``cos(e, f)`` with respect to ``e`` is ``f / (|e| |f|) - cos * e / |e|^2``: it

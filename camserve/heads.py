@@ -20,8 +20,11 @@ TOP_PREDICTIONS = 5
 
 
 def probabilities(logits: np.ndarray, manifest: Any) -> np.ndarray:
-    """``[N, K]`` probabilities (``[N, 2]`` per category for a binary head), float64."""
+    """``[N, K]`` probabilities (``[N, 2]`` per category for a binary head), float64; an
+    embedding model's outputs as they are (no class, no probability)."""
     z = np.asarray(logits, dtype=np.float64)
+    if getattr(manifest, "embedding", False):
+        return z
     if getattr(manifest, "output_activation", "softmax") == "softmax":
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
@@ -30,7 +33,10 @@ def probabilities(logits: np.ndarray, manifest: Any) -> np.ndarray:
 
 
 def predicted(probs: np.ndarray, manifest: Any, threshold: float | None = None) -> list[int]:
-    """Indices (classes, labels or categories) an image's answer lists as predictions."""
+    """Indices (classes, labels or categories) an image's answer lists as predictions (none
+    for an embedding model)."""
+    if getattr(manifest, "embedding", False):
+        return []
     if getattr(manifest, "output_activation", "softmax") == "softmax":
         return [int(c) for c in np.argsort(-probs, kind="stable")[: min(TOP_PREDICTIONS, len(probs))]]
     limit = manifest.threshold if threshold is None else threshold

@@ -21,7 +21,7 @@ from camserve.errors import CamserveError  # noqa: E402
 COMMANDS: tuple[str, ...] = (
     "camserve.export.cli",
     "camserve.serving.torchserve.archive", "camserve.cli.serve", "camserve.cli.kserve", "camserve.serving.client",
-    "camserve.audit.cli", "camserve.compare.cli", "camserve.cli.methods",
+    "camserve.audit.cli", "camserve.compare.cli", "camserve.cli.methods", "camserve.cli.concepts",
 )
 
 

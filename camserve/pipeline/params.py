@@ -31,6 +31,8 @@ score          what gradient methods explain:         ``logit`` (``binary`` on a
                ``binary`` (:mod:`camserve.heads`)
 threshold      number in (0, 1): sigmoid heads list   the manifest's
                labels at least this probable
+concept        embedding models: comma list of        none (or a multipart
+               registered concept names               part ``concept_image``)
 =============  =====================================  =======================================
 
 On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
@@ -49,7 +51,7 @@ from typing import Any, Iterable, Mapping
 from camserve.errors import InputError
 
 PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components", "metrics",
-               "score", "threshold")
+               "score", "threshold", "concept")
 SCORES = ("logit", "softmax", "binary")
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
@@ -97,6 +99,7 @@ class RequestParams:
     metrics: tuple[str, ...] = ()
     score: str = "logit"
     threshold: float | None = None
+    concepts: tuple[str, ...] = ()
 
     @property
     def n_targets(self) -> int:
@@ -281,7 +284,7 @@ def parse_params(
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
     known = tuple(known_methods)
-    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics", "score"))
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics", "score", "concept"))
     threshold = _threshold(raw["threshold"]) if "threshold" in raw else None
     output = _names("output", raw["output"]) if "output" in raw else None
     for form in output or ():
@@ -317,6 +320,7 @@ def parse_params(
         metrics=_metrics(raw["metrics"]) if "metrics" in raw else (),
         score=_score(raw["score"]) if "score" in raw else "logit",
         threshold=threshold,
+        concepts=_names("concept", raw["concept"]) if "concept" in raw else (),
     )
     if params.metrics and "dff" in methods:
         raise BadParameter("parameter metrics is not defined for method dff (a concept map has no target class to score)")

@@ -38,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 
 from camserve import heads
-from camserve.pipeline import imageio
+from camserve.concepts import cosine, load as load_concepts
+from camserve.pipeline import embedding, imageio
 from camserve.pipeline import render
 from camserve.config import Limits
 from camserve.errors import CamserveError
@@ -63,6 +64,9 @@ class _Item:
     timings: dict[str, float] = field(default_factory=dict)
     batch: int = 0
     sha256: list[str] = field(default_factory=list)
+    #: embedding models: the decoded ``concept`` part and its SHA-256 (:mod:`.embedding`)
+    concept_image: np.ndarray | None = None
+    concept_sha256: str = ""
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -98,6 +102,8 @@ class Service:
             if extra and extra not in self.manifest.extras:
                 self.unavailable[name] = f"it needs the {extra!r} graph (re-export with camserve export --extras {extra})"
         self.labels = list(self.manifest.labels)
+        #: An embedding model's registered concepts (``camserve concepts add``).
+        self.concepts = load_concepts(session.directory) if getattr(self.manifest, "embedding", False) else {}
         #: Called once per request with :meth:`record` (the audit log's entry point). A hook
         #: that raises a CamserveError turns that request's answer into that error
         #: (e.g. 503 when no record can be written and the policy is fail-closed).
@@ -115,6 +121,7 @@ class Service:
         if size > self.limits.max_body_bytes:
             raise BodyTooLarge(f"the request carries {size} bytes, more than the limit of {self.limits.max_body_bytes}")
         parts, query, json_field = item.request.parts()
+        parts, concept_bytes = embedding.split_parts(parts)
         try:
             raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
             item.params = parse_params(
@@ -130,6 +137,13 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - whatever a client sends, a parse failure is a 400
             raise BadParameter(f"the parameters cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
         self._check_head_params(item.params)
+        embedding.check(item.params, self.manifest, self.concepts, concept_bytes is not None, self.name)
+        if concept_bytes is not None and item.params.explain:
+            try:
+                item.concept_image = imageio.decode(concept_bytes, self.limits.max_pixels)
+            except CamserveError as exc:
+                raise type(exc)(f"concept image: {exc}") from None
+            item.concept_sha256 = hashlib.sha256(concept_bytes).hexdigest()
         for method in item.params.methods if item.params.explain else ():
             if method in self.unavailable:
                 raise BadParameter(f"method {method!r} is not available for model {self.name!r}: {self.unavailable[method]}")
@@ -152,6 +166,13 @@ class Service:
                 raise BadParameter(f"parameter metrics asks to score {maps} maps ({len(item.images)} images x "
                                    f"{item.params.n_targets} targets x {len(item.params.methods)} methods), more than "
                                    f"the limit of {self.limits.max_metric_maps}")
+
+    @staticmethod
+    def _similarity(index: int, embedding_row: np.ndarray, result: dict[str, Any]) -> dict[str, Any]:
+        """An embedding model's target: the concept and the image's cosine similarity to it."""
+        f = np.asarray(result["concept_vectors"][index])[None]
+        score = cosine(np.asarray(embedding_row)[None], f)[0]
+        return {"index": index, "label": result["concept_labels"][index], "score": round(float(score), 6)}
 
     def _check_head_params(self, params: RequestParams) -> None:
         """``threshold`` and ``score`` that the model's head cannot honour are 400s."""
@@ -185,8 +206,8 @@ class Service:
         groups: dict[tuple, list[_Item]] = {}
         for item in items:
             p = item.params
-            key = ((p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0, p.metrics, p.score)
-                   if p.explain else ("predict",))
+            key = ((p.methods, p.aug_smooth, p.eigen_smooth, p.components if "dff" in p.methods else 0, p.metrics, p.score,
+                    p.concepts, item.concept_sha256) if p.explain else ("predict",))
             groups.setdefault(key, []).append(item)
         results: dict[int, dict[str, Any]] = {}
         for key, members in groups.items():
@@ -201,19 +222,25 @@ class Service:
                     out = {"logits": logits, "classes": None, "cams": {}, "ratios": {}, "pictures": {}, "concepts": [],
                            "metrics": {}}
                 else:
-                    methods, aug, eigen, components, metrics, score = key
+                    methods, aug, eigen, components, metrics, score, names, _ = key
                     targets = [self._targets(m.params) for m in members for _ in m.images]
+                    concept_labels: list[str] = []
                     start = time.perf_counter()
                     extra = {"components": components} if "dff" in methods else {}
                     if score != "logit":
                         extra["score"] = score
+                    if self.manifest.embedding:  # every image against every concept of the request
+                        extra["concepts"], concept_labels = embedding.vectors(self.session, self.concepts, names,
+                                                                              members[0].concept_image)
+                        targets = [list(range(len(concept_labels)))] * len(index)
                     exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug, **extra)
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
                     out = {"logits": exp.logits, "classes": exp.classes, "cams": exp.cams,
                            "ratios": getattr(exp, "signal_ratio", None) or {},
                            "pictures": getattr(exp, "pictures", None) or {},
-                           "concepts": getattr(exp, "concepts", None) or [], "metrics": {}}
+                           "concepts": getattr(exp, "concepts", None) or [], "metrics": {},
+                           "concept_labels": concept_labels, "concept_vectors": extra.get("concepts")}
                     for method in methods:
                         self.recorder.explain(method, float(exp.timings.get(f"cam.{method}", timings["cam"] / len(methods))))
                     if metrics:
@@ -235,6 +262,8 @@ class Service:
                     "pictures": {meth: list(p[pos : pos + n]) for meth, p in out["pictures"].items()},
                     "concepts": list(out["concepts"][pos : pos + n]),
                     "metrics": {meth: v[pos : pos + n] for meth, v in out["metrics"].items()},
+                    "concept_labels": out.get("concept_labels", []),
+                    "concept_vectors": out.get("concept_vectors"),
                 }
                 m.timings = timings
                 m.batch = len(index)
@@ -282,7 +311,8 @@ class Service:
             concepts = result["concepts"][i] if method == "dff" else None
             targets = classes if concepts is None else [int(c) for c in concepts["classes"][:, 0]]
             for t, cls in enumerate(targets):
-                entry: dict[str, Any] = {"method": method, "target": self._class(cls, probs), "summary": summaries[t]}
+                target = (self._similarity(cls, probs, result) if self.manifest.embedding else self._class(cls, probs))
+                entry: dict[str, Any] = {"method": method, "target": target, "summary": summaries[t]}
                 if concepts is not None:
                     entry["concept"] = {"index": t, "top_classes": [  # score: softmax of the head on the concept
                         {**self._class(int(c), probs), "score": round(float(s), 6)}

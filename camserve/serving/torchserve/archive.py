@@ -60,6 +60,8 @@ def export_files(export_dir: Path) -> tuple[Manifest, list[Path]]:
     if manifest.head_graph_file:
         files.append(export_dir / manifest.head_graph_file)
     files += [export_dir / entry["file"] for entry in manifest.extras.values()]  # camserve export --extras
+    if (export_dir / "concepts.npz").is_file():  # an embedding model's registered concepts
+        files.append(export_dir / "concepts.npz")
     files += [p for p in (export_dir / f"{f.name}.data" for f in list(files)) if p.is_file()]
     for path in files:
         if not path.is_file():
