@@ -12,7 +12,9 @@ tutorial, ``SimilarityToConceptTarget``). A concept is either
   with the same forward graph (one more forward).
 
 The gradient of ``cos(e, f)`` with respect to ``e`` is ``f / (|e| |f|) - cos * e / |e|^2``: it
-depends on ``e``, so an explanation costs a forward (the embedding) and one explain run.
+depends on ``e``, so the exported graph of an embedding model computes it itself. A row fed
+with ``target_rank = -2`` reads its cotangent as the concept ``f`` (``camserve.export.trace``),
+and one explain run answers the embedding and the similarity's gradients.
 """
 
 from __future__ import annotations

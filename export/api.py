@@ -217,7 +217,7 @@ def export_model(
         t0 = time.perf_counter()
         example = _example(2, num_outputs, size)
         try:
-            gm = trace.trace_joint(model, modules, example)
+            gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding"))
         except ExportError:
             raise
         except Exception as exc:
@@ -232,7 +232,8 @@ def export_model(
         session = _load_checked(tmp / GRAPH_FILE, proto)
         if check:
             t0 = time.perf_counter()
-            figures = parity.check_parity(session, trace.joint_function(model, modules), outputs, num_outputs, size)
+            figures = parity.check_parity(session, trace.joint_function(model, modules, cosine=kind == "embedding"), outputs,
+                                          num_outputs, size, cosine=kind == "embedding")
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():

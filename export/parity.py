@@ -27,8 +27,10 @@ TOL = 1e-4
 MAX_SHARE = 1e-3
 
 
-def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
-    """Batch 1 and 3 inputs with one-hot (explicit and by rank) and mixed cotangents."""
+def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0,
+                 cosine: bool = False) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """Batch 1 and 3 inputs with one-hot (explicit and by rank) and mixed cotangents (and,
+    ``cosine``, concepts whose similarity is explained)."""
     g = torch.Generator().manual_seed(seed)
     h, w = input_size
     cases = []
@@ -44,6 +46,8 @@ def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0) -
             (f"b{batch}-mixed", (image, mixed, none)),
             (f"b{batch}-rank", (image, mixed, ranks)),
         ]
+        if cosine:
+            cases.append((f"b{batch}-cosine", (image, mixed.abs(), torch.full((batch,), -2, dtype=torch.int64))))
     return cases
 
 
@@ -62,6 +66,7 @@ def check_parity(
     num_outputs: int,
     input_size: tuple[int, int],
     tol: float = TOL,
+    cosine: bool = False,
 ) -> dict[str, Any]:
     """Run the graph (an ONNX Runtime session) and the eager reference on the parity cases;
     raise on disagreement.
@@ -71,7 +76,7 @@ def check_parity(
     """
     worst: dict[str, dict[str, float]] = {}
     grads_seen: list[np.ndarray] = []
-    for case, args in parity_cases(num_outputs, input_size):
+    for case, args in parity_cases(num_outputs, input_size, cosine=cosine):
         feeds = dict(zip(("image", "cotangent", "target_rank"), (a.numpy() for a in args)))
         ours = sess.run(list(names), feeds)
         # the math attention kernel, as traced: CPU flash attention has no double backward (ShapleyCAM)
@@ -89,7 +94,7 @@ def check_parity(
         raise ParityError(f"ONNX Runtime and PyTorch disagree: {detail}")
     if grads_seen and all(not np.any(g) for g in grads_seen):
         raise ParityError("every gradient is zero on random inputs: the graph cannot explain anything (zero-initialized head?)")
-    return {"tolerance": tol, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in parity_cases(num_outputs, input_size)]}
+    return {"tolerance": tol, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in parity_cases(num_outputs, input_size, cosine=cosine)]}
 
 
 def check_head(graph: Path, reference: Callable[..., torch.Tensor], names: Sequence[str], example: Sequence[torch.Tensor]) -> None:

@@ -8,7 +8,9 @@ graph. The traced function is::
         -> logits [N,K], activations_0, gradients_0, activations_1, ...
 
 where the cotangent row actually used is ``cotangent[n]`` if ``target_rank[n] < 0``
-else the one-hot vector of the ``target_rank[n]``-th highest logit of row n, and
+else the one-hot vector of the ``target_rank[n]``-th highest logit of row n (in an
+embedding model's graph, ``target_rank[n] == -2`` reads ``cotangent[n]`` as a concept ``f``
+and uses the gradient of ``cos(logits[n], f)``: one run explains a similarity), and
 ``gradients_i = d(sum(cot * logits)) / d(activations_i)``. Parameters are frozen
 (``requires_grad_(False)``), so no parameter gradient is traced; each target layer's
 output is made an autograd leaf by a forward hook, so only the backward between the
@@ -30,12 +32,26 @@ from camserve.errors import ExportError
 from camserve.export.decompositions import decomposition_table
 
 
-def select_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> torch.Tensor:
-    """Rows with ``target_rank >= 0`` become one-hot at that rank of the logits."""
+#: ``target_rank`` of a row whose cotangent is a concept (embedding graphs only).
+COSINE_RANK = -2
+
+
+def select_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
+                     cosine: bool = False) -> torch.Tensor:
+    """Rows with ``target_rank >= 0`` become one-hot at that rank of the logits; with
+    ``cosine``, rows with :data:`COSINE_RANK` become ``d cos(e, f) / d e`` for ``e`` the row's
+    output and ``f`` its cotangent: ``f / (|e| |f|) - cos * e / |e|^2``."""
     order = torch.argsort(logits.detach(), dim=1, descending=True)
     index = torch.gather(order, 1, target_rank.clamp(min=0).unsqueeze(1))
     one_hot = torch.zeros_like(cotangent).scatter(1, index, 1.0)
-    return torch.where((target_rank >= 0).unsqueeze(1), one_hot, cotangent)
+    out = torch.where((target_rank >= 0).unsqueeze(1), one_hot, cotangent)
+    if cosine:
+        e, f = logits.detach(), cotangent
+        ne, nf = e.norm(dim=1, keepdim=True), f.norm(dim=1, keepdim=True)
+        cos = (e * f).sum(dim=1, keepdim=True) / (ne * nf + 1e-12)
+        grad = f / (ne * nf + 1e-12) - cos * e / (ne * ne + 1e-12)
+        out = torch.where((target_rank == COSINE_RANK).unsqueeze(1), grad, out)
+    return out
 
 
 @contextlib.contextmanager
@@ -95,8 +111,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def joint_function(model: nn.Module, layers: Sequence[nn.Module]):
-    """The function that is traced: forward, cotangent selection, input-free backward."""
+def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False):
+    """The function that is traced: forward, cotangent selection (``cosine``: with the
+    similarity mode of embedding models), input-free backward."""
 
     def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor):
         store: list[torch.Tensor] = []
@@ -107,7 +124,7 @@ def joint_function(model: nn.Module, layers: Sequence[nn.Module]):
                 raise TypeError(f"model must return logits [N, K], got {getattr(logits, 'shape', type(logits))}")
             if len(store) != len(layers):
                 raise RuntimeError(f"expected each target layer to run once, saw {len(store)} outputs for {len(layers)} layers")
-            cot = select_cotangent(logits, cotangent, target_rank)
+            cot = select_cotangent(logits, cotangent, target_rank, cosine)
             grads = torch.autograd.grad((logits * cot).sum(), store, allow_unused=True)
         outs: list[torch.Tensor] = [logits.detach()]
         for act, grad in zip(store, grads):

@@ -35,7 +35,7 @@ from camserve.cam import dff
 from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
 from camserve.cam.scaling import combine_layers, minmax, resize_maps
-from camserve.concepts import cosine_cotangent
+COSINE_RANK = -2  # camserve.export.trace.COSINE_RANK (the graph's similarity mode; no torch import here)
 from camserve.cam.targets import SCORES, Rows, Target, expand_targets, finer_cotangent, resolve_binary, score_cotangent
 
 
@@ -182,18 +182,21 @@ def explain(
     u = n * copies
 
     first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
-    if score != "logit":
+    if embedding:
+        # one run: the graph turns each row's concept into the gradient of the cosine similarity
+        if (all_rows.cls < 0).any():
+            raise InputError("an embedding model's targets are concept indices, not top-k ranks")
+        row_class = all_rows.cls
+        out = runs.call(session.run, runs.images[all_rows.image], np.asarray(concepts, dtype=np.float32)[row_class],
+                        target_rank=np.full(len(all_rows), COSINE_RANK, dtype=np.int64))
+        logits_u, acts_u = out.logits[first], [a[first] for a in out.activations]
+        row_logits = logits_u[all_rows.image]
+    elif score != "logit":
         # the cotangent depends on the logits: a forward first, then one run with it
         logits_u = runs.forward_logits()
         row_logits = logits_u[all_rows.image]
-        if embedding:
-            if (all_rows.cls < 0).any():
-                raise InputError("an embedding model's targets are concept indices, not top-k ranks")
-            row_class = all_rows.cls
-            cotangent = cosine_cotangent(row_logits, np.asarray(concepts)[row_class])
-        else:
-            row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
-            cotangent = score_cotangent(score, row_logits, row_class)
+        row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
+        cotangent = score_cotangent(score, row_logits, row_class)
         out = runs.call(session.run, runs.images[all_rows.image], cotangent)
         acts_u = [a[first] for a in out.activations]
     elif any(s.main_gradients for s in specs):
@@ -208,7 +211,7 @@ def explain(
     else:
         out = runs.forward()
         logits_u, acts_u = out.logits, out.activations
-    if score == "logit":
+    if score == "logit" and not embedding:
         row_logits = logits_u[all_rows.image]
         row_class = all_rows.resolve(row_logits)
 
