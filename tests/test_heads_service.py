@@ -105,6 +105,14 @@ def test_softmax_score_and_refusals_on_a_softmax_head(tmp_path):
         assert status == 400 and needle in body["error"]["message"], (params, body)
 
 
+def test_compare_refuses_sigmoid_heads_naming_the_kind(exports):
+    from camserve.compare.sources import ExportSide
+    from camserve.errors import InputError
+
+    with pytest.raises(InputError, match="holds a sigmoid model"):
+        ExportSide(exports["multi"], ["gradcam"])
+
+
 @pytest.mark.server
 def test_served_on_torchserve(exports, tmp_path):
     """One archive per head kind on a real TorchServe: answers equal the in-process pipeline's."""

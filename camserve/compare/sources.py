@@ -83,6 +83,9 @@ class HTTPSide:
         try:
             self.model.update(body.get("model") or {})
             img = body["images"][0]
+            if not img.get("predictions"):
+                raise CompareError(f"{self.url} on {name}: the answer has no predictions (an embedding or sigmoid model?): "
+                                   "camserve compare compares softmax classifiers")
             cams, entries = {}, {}
             for e in img.get("explanations", []):
                 if e["method"] in self.methods and e["method"] not in cams:
@@ -116,6 +119,9 @@ class ExportSide:
             raise InputError(f"export folder {directory} does not exist")
         self.session = GraphSession(directory, intra_op_threads=threads)
         m = self.session.manifest
+        if m.kind != "classifier" or m.output_activation != "softmax":
+            raise InputError(f"camserve compare compares softmax classifiers; {directory} holds a "
+                             f"{m.output_activation if m.kind == 'classifier' else m.kind} model")
         self.methods, self.topk, self.metrics = methods, topk, tuple(metrics)
         self.model = {"name": m.model_name, "version": m.model_version, "graph_sha256": m.graph_sha256,
                       "export_dir": str(directory)}
