@@ -29,6 +29,8 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def load_model(spec: str) -> nn.Module:
     """Build a model from ``torchvision:NAME`` or ``package.module:factory`` (random weights).
 
+    The random initialization is seeded (0, in a forked RNG: the caller's stream is left
+    alone), so exporting the same spec twice gives the same graph and the same parity figures.
     Any exception from importing or calling a user's factory becomes a CamserveError naming
     the spec (KeyboardInterrupt passes through).
     """
@@ -39,7 +41,9 @@ def load_model(spec: str) -> nn.Module:
         import torchvision
 
         try:
-            model = torchvision.models.get_model(attr, weights=None)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = torchvision.models.get_model(attr, weights=None)
         except ValueError as exc:
             names = torchvision.models.list_models(module=torchvision.models)
             near = difflib.get_close_matches(attr, names, n=5)
@@ -50,7 +54,9 @@ def load_model(spec: str) -> nn.Module:
         except Exception as exc:  # ImportError, AttributeError, or whatever the module raises on import
             raise CamserveError(f"cannot import {spec!r}: {one_line(exc)}") from exc
         try:
-            model = factory()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = factory()
         except Exception as exc:
             raise CamserveError(f"model factory {spec!r} failed: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):

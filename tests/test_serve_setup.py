@@ -73,3 +73,29 @@ def test_client_finds_url_and_token_in_the_run_folder(tmp_path):
     assert token_from(argparse.Namespace(token="xyz", key_file=None, run_dir=None)) == "xyz"
     with pytest.raises(ClientError, match="does not exist"):
         token_from(argparse.Namespace(token=None, key_file=str(tmp_path / "nope.json"), run_dir=None))
+
+
+def test_a_free_port_taken_before_torchserve_binds_it_is_retried(monkeypatch, tmp_path):
+    """Port 0 means "a free one": found by bind-and-release, so a busy host can take it first
+    (seen in CI: 'Address already in use' from the gRPC port); the start is retried then."""
+    from camserve.config import PORT_FIELDS, load_config
+    from camserve.serving.torchserve import server
+
+    calls = []
+
+    def flaky(config, **kwargs):
+        calls.append({name: getattr(config.server, name) for name in PORT_FIELDS})
+        if len(calls) == 1:
+            raise server.ServerError("TorchServe exited during start (bind(..) failed: Address already in use)")
+        return "instance"
+
+    monkeypatch.setattr(server, "_start", flaky)
+    auto = load_config(env={}, overrides={"server": {p: 0 for p in PORT_FIELDS}})
+    assert server.start(auto, run_dir=tmp_path, model_store=tmp_path) == "instance" and len(calls) == 2
+    calls.clear()
+    fixed = load_config(env={}, overrides={"server": {p: 20000 + i for i, p in enumerate(PORT_FIELDS)}})
+    import pytest
+
+    with pytest.raises(server.ServerError, match="already in use"):
+        server.start(fixed, run_dir=tmp_path, model_store=tmp_path)
+    assert len(calls) == 1  # a port the user chose is not silently replaced

@@ -290,6 +290,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: Starts tried when free ports were asked for (port 0) and one was taken meanwhile.
+PORT_ATTEMPTS = 3
+
+
 def start(
     config: Config,
     *,
@@ -300,7 +304,33 @@ def start(
     wait: bool = True,
     config_file: str | Path | None = None,
 ) -> Instance:
-    """Start TorchServe for ``models`` (``all`` or comma-separated .mar names) and wait until READY."""
+    """Start TorchServe for ``models`` (``all`` or comma-separated .mar names) and wait until READY.
+
+    A free port (0) is found by binding and releasing it, so on a busy host another process
+    can take it before TorchServe binds it; such a start is retried with new free ports
+    (:data:`PORT_ATTEMPTS` in all). Fixed ports are never retried.
+    """
+    auto = any(getattr(config.server, name) == 0 for name in PORT_FIELDS)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return _start(config, run_dir=run_dir, model_store=model_store, models=models,
+                          inference_host=inference_host, wait=wait, config_file=config_file)
+        except ServerError as exc:
+            if not auto or "already in use" not in str(exc) or attempt == PORT_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(
+    config: Config,
+    *,
+    run_dir: str | Path,
+    model_store: str | Path,
+    models: str,
+    inference_host: str | None,
+    wait: bool,
+    config_file: str | Path | None,
+) -> Instance:
     run_dir = Path(run_dir).resolve()
     store = Path(model_store).resolve()
     if not store.is_dir():
