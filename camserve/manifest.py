@@ -76,7 +76,7 @@ class LayerSpec:
 
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
-KINDS = ("classifier", "embedding")
+KINDS = ("classifier", "embedding", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -115,8 +115,10 @@ class Manifest:
     #: predictions list the labels whose probability is at least ``threshold``.
     output_activation: str = "softmax"
     threshold: float = 0.5
-    #: ``classifier`` (outputs are class scores) or ``embedding`` (outputs are an embedding
-    #: ``[N, D]``; targets are cosine similarities to concepts, :mod:`camserve.concepts`).
+    #: ``classifier`` (outputs are class scores), ``embedding`` (outputs are an embedding
+    #: ``[N, D]``; targets are cosine similarities to concepts, :mod:`camserve.concepts`) or
+    #: ``segmentation`` (outputs are a map ``[N, K, H, W]``; a target is a class over the
+    #: pixels predicted as it, :func:`camserve.export.trace.segmentation_cotangent`).
     kind: str = "classifier"
     schema_version: int = SCHEMA_VERSION
 
@@ -131,6 +133,10 @@ class Manifest:
     @property
     def num_outputs(self) -> int:
         return len(self.labels)
+
+    @property
+    def segmentation(self) -> bool:
+        return self.kind == "segmentation"
 
     @property
     def embedding(self) -> bool:

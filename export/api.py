@@ -189,11 +189,17 @@ def export_model(
         raise ExportError(f"output_activation must be softmax or sigmoid, got {output_activation!r}")
     if not 0.0 < threshold < 1.0:
         raise ExportError(f"threshold must be in (0, 1), got {threshold!r}")
-    if kind not in ("classifier", "embedding"):
-        raise ExportError(f"kind must be classifier or embedding, got {kind!r}")
+    if kind not in ("classifier", "embedding", "segmentation"):
+        raise ExportError(f"kind must be classifier, embedding or segmentation, got {kind!r}")
+    segmentation = kind == "segmentation"
+    if segmentation and (head or extras or output_activation != "softmax"):
+        raise ExportError("a segmentation export has no head graph, extras or sigmoid head (yet): drop --head/--extras")
     model = model.eval()
+    if segmentation:  # target layers are addressed in the user's model: "backbone.16", not "model.backbone.16"
+        model = resolve.SegmentationOutput(model).eval()
+        target_layers = [f"model.{path}" for path in target_layers]
     resolved = [resolve.resolve_layer(model, path) for path in target_layers]
-    names = [name for name, _ in resolved]
+    names = [name.removeprefix("model.") if segmentation else name for name, _ in resolved]
     if len(set(names)) != len(names):
         raise ExportError(f"target layers name the same module twice: {list(target_layers)}")
     modules = [module for _, module in resolved]
@@ -201,7 +207,7 @@ def export_model(
     # One eager forward: output size and the activation shapes of the target layers.
     store: list[torch.Tensor] = []
     with torch.no_grad(), trace.leaf_hooks(modules, store):
-        num_outputs = resolve.check_output(model(torch.zeros(1, 3, *size)))
+        num_outputs = resolve.check_output(model(torch.zeros(1, 3, *size)), segmentation)
     if kind == "embedding" and (labels is not None or labels_file is not None):
         raise ExportError("an embedding model has no labels (its outputs are embedding dimensions)")
     label_list = [f"dim_{i}" for i in range(num_outputs)] if kind == "embedding" else resolve.read_labels(labels_file, labels, num_outputs)
@@ -217,7 +223,8 @@ def export_model(
         t0 = time.perf_counter()
         example = _example(2, num_outputs, size)
         try:
-            gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding"))
+            gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding",
+                                                                                   segmentation=segmentation))
         except ExportError:
             raise
         except Exception as exc:
@@ -232,7 +239,8 @@ def export_model(
         session = _load_checked(tmp / GRAPH_FILE, proto)
         if check:
             t0 = time.perf_counter()
-            figures = parity.check_parity(session, trace.joint_function(model, modules, cosine=kind == "embedding"), outputs,
+            figures = parity.check_parity(session, trace.joint_function(model, modules, cosine=kind == "embedding",
+                                                                        segmentation=segmentation), outputs,
                                           num_outputs, size, cosine=kind == "embedding")
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")

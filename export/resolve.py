@@ -180,7 +180,24 @@ def read_labels(path: str | Path | None, labels: Sequence[str] | None, num_outpu
     return labels
 
 
-def check_output(logits: object) -> int:
+class SegmentationOutput(nn.Module):
+    """A segmentation model's ``out`` map: torchvision's models answer ``{"out", "aux"}``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.model(image)
+        return out["out"] if isinstance(out, dict) else out
+
+
+def check_output(logits: object, segmentation: bool = False) -> int:
+    if segmentation:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+            raise ExportError(f"a segmentation model must return a map [N, K, H, W] (or a dict with 'out'), "
+                              f"got {getattr(logits, 'shape', type(logits).__name__)}")
+        return int(logits.shape[1])
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise ExportError(f"model must return logits of shape [N, K], got {getattr(logits, 'shape', type(logits).__name__)}")
     return int(logits.shape[1])

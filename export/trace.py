@@ -20,6 +20,7 @@ logits and the target layers is traced.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -98,6 +99,44 @@ def pool_fix(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def matrix_upsampling() -> Iterator[None]:
+    """Bilinear ``F.interpolate`` as two matmuls with constant matrices while tracing.
+
+    PyTorch decomposes bilinear upsampling into gathers above autograd, so its backward
+    traces to scatter-adds (ONNX ``ScatterND``, ``reduction=add``), which ONNX Runtime's CPU
+    kernel does not sum deterministically over repeated indices (seen: 0.3-2% gradient
+    errors on deeplabv3 / lraspp at batch 3). ``A_h x A_w^T`` is the same map, and its
+    backward is two matmuls as well.
+    """
+    import torch.nn.functional as F
+
+    from camserve.export.decompositions import bilinear_matrix
+
+    original = F.interpolate
+
+    def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                    recompute_scale_factor=None, antialias=False):
+        if mode != "bilinear" or input.dim() != 4 or antialias or recompute_scale_factor:
+            return original(input, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
+        in_h, in_w = int(input.shape[-2]), int(input.shape[-1])
+        if size is not None:
+            out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            sh = sw = None
+        else:
+            sh, sw = (scale_factor, scale_factor) if isinstance(scale_factor, (int, float)) else scale_factor
+            out_h, out_w = int(math.floor(in_h * sh)), int(math.floor(in_w * sw))
+        ah = torch.tensor(bilinear_matrix(in_h, out_h, bool(align_corners), sh), dtype=input.dtype)
+        aw = torch.tensor(bilinear_matrix(in_w, out_w, bool(align_corners), sw), dtype=input.dtype)
+        return torch.matmul(torch.matmul(ah, input), aw.t())
+
+    F.interpolate = interpolate
+    try:
+        yield
+    finally:
+        F.interpolate = original
+
+
+@contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """Parameters without requires_grad while tracing (no parameter gradient is traced);
     the caller's flags are restored afterwards."""
@@ -111,20 +150,40 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False):
+def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> torch.Tensor:
+    """A segmentation model's spatial cotangent ``[N, K, H, W]`` from ``[N, K]`` class weights.
+
+    pytorch-grad-cam's ``SemanticSegmentationTarget`` with the predicted mask: the target of
+    class ``k`` is ``sum over the pixels predicted as k of out[k]``, so the cotangent is the
+    row's weight of ``k`` on those pixels. Ranked rows pick the class of that rank by
+    predicted area (rank 0 = the class covering most pixels).
+    """
+    k = logits.shape[1]
+    predicted = logits.detach().argmax(dim=1, keepdim=True)
+    mask = (predicted == torch.arange(k, device=logits.device).view(1, k, 1, 1)).to(logits.dtype)
+    weights = select_cotangent(mask.sum(dim=(2, 3)), cotangent, target_rank)
+    return weights[:, :, None, None] * mask
+
+
+def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False, segmentation: bool = False):
     """The function that is traced: forward, cotangent selection (``cosine``: with the
-    similarity mode of embedding models), input-free backward."""
+    similarity mode of embedding models; ``segmentation``: spatial, over the predicted
+    masks), input-free backward."""
 
     def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor):
         store: list[torch.Tensor] = []
         with torch.enable_grad():
             with leaf_hooks(layers, store):
                 logits = model(image)
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-                raise TypeError(f"model must return logits [N, K], got {getattr(logits, 'shape', type(logits))}")
+            if not isinstance(logits, torch.Tensor) or logits.ndim != (4 if segmentation else 2):
+                want = "[N, K, H, W]" if segmentation else "[N, K]"
+                raise TypeError(f"model must return logits {want}, got {getattr(logits, 'shape', type(logits))}")
             if len(store) != len(layers):
                 raise RuntimeError(f"expected each target layer to run once, saw {len(store)} outputs for {len(layers)} layers")
-            cot = select_cotangent(logits, cotangent, target_rank, cosine)
+            if segmentation:
+                cot = segmentation_cotangent(logits, cotangent, target_rank)
+            else:
+                cot = select_cotangent(logits, cotangent, target_rank, cosine)
             grads = torch.autograd.grad((logits * cot).sum(), store, allow_unused=True)
         outs: list[torch.Tensor] = [logits.detach()]
         for act, grad in zip(store, grads):
@@ -158,7 +217,7 @@ def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[to
 
     model.eval()
     fn = fn or joint_function(model, layers)
-    with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model):
+    with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model), matrix_upsampling():
         gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *batch_symbolic(example)
         )

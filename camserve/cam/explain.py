@@ -168,6 +168,12 @@ def explain(
         score = "binary"
     elif score == "binary":
         raise InputError(f"score=binary needs a sigmoid head with one output, this model has {k} {manifest.output_activation} outputs")
+    segmentation = bool(getattr(manifest, "segmentation", False))
+    if segmentation and score != "logit":
+        raise InputError(f"score={score} is not defined for segmentation models (the target is a class's output over its predicted pixels)")
+    if segmentation and any(s.source not in ("gradients", "activations") for s in specs):
+        others = [s.name for s in specs if s.source not in ("gradients", "activations")]
+        raise InputError(f"segmentation models are explained by the gradient and activation methods, not {', '.join(others)}")
     if score != "logit" and any(s.source not in ("gradients", "activations") for s in specs):
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
@@ -211,7 +217,11 @@ def explain(
     else:
         out = runs.forward()
         logits_u, acts_u = out.logits, out.activations
-    if score == "logit" and not embedding:
+    if segmentation:  # a class's score is its predicted area; ranked targets follow it (as the graph does)
+        logits_u = np.asarray(logits_u)
+        row_logits = class_areas(logits_u)[all_rows.image]
+        row_class = all_rows.resolve(row_logits)
+    elif score == "logit" and not embedding:
         row_logits = logits_u[all_rows.image]
         row_class = all_rows.resolve(row_logits)
 
@@ -258,6 +268,13 @@ def explain(
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
+
+
+def class_areas(maps: np.ndarray) -> np.ndarray:
+    """Pixels predicted as each class, float32 ``[N, K]``, of segmentation outputs ``[N, K, H, W]``."""
+    n, k = maps.shape[:2]
+    predicted = maps.argmax(axis=1).reshape(n, -1)
+    return np.stack([np.bincount(row, minlength=k) for row in predicted]).astype(np.float32)
 
 
 def _raw_cams(
