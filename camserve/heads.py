@@ -25,6 +25,10 @@ def probabilities(logits: np.ndarray, manifest: Any) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if getattr(manifest, "embedding", False):
         return z
+    if getattr(manifest, "segmentation", False):  # a class's share of the predicted pixels
+        n, k = z.shape[:2]
+        predicted = z.argmax(axis=1).reshape(n, -1)
+        return np.stack([np.bincount(row, minlength=k) for row in predicted]) / predicted.shape[1]
     if getattr(manifest, "output_activation", "softmax") == "softmax":
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
@@ -37,6 +41,8 @@ def predicted(probs: np.ndarray, manifest: Any, threshold: float | None = None) 
     for an embedding model)."""
     if getattr(manifest, "embedding", False):
         return []
+    if getattr(manifest, "segmentation", False):  # the classes present, largest first
+        return [int(c) for c in np.argsort(-probs, kind="stable")[:TOP_PREDICTIONS] if probs[c] > 0]
     if getattr(manifest, "output_activation", "softmax") == "softmax":
         return [int(c) for c in np.argsort(-probs, kind="stable")[: min(TOP_PREDICTIONS, len(probs))]]
     limit = manifest.threshold if threshold is None else threshold

@@ -38,6 +38,11 @@ class Answers:
                 "height": int(rgb.shape[0]),
                 "predictions": [self._class(int(c), probs[i]) for c in order],
             }
+            if getattr(self.manifest, "segmentation", False):  # the predicted class of every output pixel
+                labels = np.asarray(result["logits"][i]).argmax(axis=0)
+                entry["segmentation"] = {"mask": base64.b64encode(render.encode_png(
+                    labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16))).decode("ascii"),
+                    "width": int(labels.shape[1]), "height": int(labels.shape[0])}
             if params.explain:
                 entry["explanations"] = self._explanations(rgb, probs[i], result, i, params)
             images.append(entry)

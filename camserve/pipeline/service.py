@@ -169,6 +169,14 @@ class Service(Answers):
     def _check_head_params(self, params: RequestParams) -> None:
         """``threshold`` and ``score`` that the model's head cannot honour are 400s."""
         m = self.manifest
+        if params.metrics and getattr(m, "segmentation", False):
+            raise BadParameter(f"parameter metrics is not defined for segmentation model {self.name!r} (no class probability "
+                               "to perturb)")
+        if params.explain and getattr(m, "segmentation", False):
+            others = [n for n in params.methods if self._source(n) not in ("gradients", "activations")]
+            if others or params.score != "logit":
+                raise BadParameter(f"segmentation model {self.name!r} is explained by gradient and activation methods "
+                                   f"with score=logit, not {', '.join(others) or 'score=' + params.score}")
         if params.threshold is not None and m.output_activation != "sigmoid":
             raise BadParameter(f"parameter threshold applies to sigmoid heads; model {self.name!r} has a {m.output_activation} head")
         if params.score == "binary" and not m.binary:
@@ -269,7 +277,7 @@ class Service(Answers):
         from camserve.faithfulness.sampler import Job
 
         cams = {meth: c for meth, c in result["cams"].items() if meth != "dff"}
-        if cams:
+        if cams and self.manifest.kind == "classifier":  # metrics are defined for classifiers only
             self.sampler.offer(Job(item.request.request_id, self.model_info(), list(item.sha256), images,
                                    np.asarray(result["logits"]), [list(c) for c in result["classes"]], cams))
 
