@@ -110,6 +110,7 @@ REFERENCE_CLASSES: dict[str, Callable] = {
     "layercam": pgc.LayerCAM,
     "eigencam": pgc.EigenCAM,
     "eigengradcam": pgc.EigenGradCAM,
+    "segeigencam": pgc.SegEigenCAM,
     "kpcacam": pgc.KPCA_CAM,
     "fem": pgc.FEM,
     "scorecam": pgc.ScoreCAM,

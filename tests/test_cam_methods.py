@@ -47,7 +47,7 @@ def _reference_raw(name: str, a: np.ndarray, g: np.ndarray, eigen_smooth: bool) 
 
 def test_registry_lists_every_method_once() -> None:
     names = available_methods()
-    assert names == list(cam.REGISTRY) and len(set(names)) == len(names) == 18
+    assert names == list(cam.REGISTRY) and len(set(names)) == len(names) == 19
     # the methods of extra graphs and DFF are checked against the oracle in test_extra_methods.py
     extras = {n for n in names if get_method(n).extra or get_method(n).source == "dff"}
     assert extras == {"fullgrad", "shapleycam", "guidedbackprop", "guidedgradcam", "dff"}

@@ -18,7 +18,7 @@ from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget  # n
 
 TOL = 1e-4
 CLASSES = {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM,
-           "hirescam": pgc.HiResCAM, "eigencam": pgc.EigenCAM}
+           "hirescam": pgc.HiResCAM, "eigencam": pgc.EigenCAM, "segeigencam": pgc.SegEigenCAM}
 
 
 @pytest.fixture(scope="module")

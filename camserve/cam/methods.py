@@ -175,6 +175,14 @@ def eigengradcam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np
     return first_component(g * a)
 
 
+def segeigencam(a: np.ndarray, g: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
+    """SegEigenCAM (Chung & Ying 2025): first principal component of ``|gradient| x activation``,
+    its sign chosen so that the extreme of larger magnitude is positive (SVD's sign is arbitrary)."""
+    p = first_component(np.abs(g) * a)
+    flip = np.abs(p.min(axis=(1, 2))) > np.abs(p.max(axis=(1, 2)))
+    return np.where(flip[:, None, None], -p, p).astype(np.float32)
+
+
 def kpcacam(a: np.ndarray, g: np.ndarray | None = None, eigen_smooth: bool = False) -> np.ndarray:
     """KPCA-CAM: first sigmoid-kernel principal component of the activations."""
     return kernel_first_component(a)

@@ -91,6 +91,8 @@ _SPECS = (
     MethodSpec("layercam", m.layercam, "gradients", True, "positive gradients as per-position weights", "elements", m.layercam_elements),
     MethodSpec("eigencam", m.eigencam, "activations", False, "first principal component of activations"),
     MethodSpec("eigengradcam", m.eigengradcam, "gradients", False, "first principal component of gradient x activation"),
+    MethodSpec("segeigencam", m.segeigencam, "gradients", False,
+               "sign-corrected first principal component of |gradient| x activation"),
     MethodSpec("kpcacam", m.kpcacam, "activations", False, "sigmoid-kernel PCA of activations"),
     MethodSpec("fem", m.fem, "activations", False, "channels weighted by their k-sigma outlier share", "weights", m.fem_weights),
     MethodSpec("scorecam", m.weighted_sum, "score", True, "softmax of target scores of activation-masked inputs", "weights"),
