@@ -76,7 +76,7 @@ class LayerSpec:
 
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
-KINDS = ("classifier", "embedding", "segmentation")
+KINDS = ("classifier", "embedding", "segmentation", "detection")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,10 @@ class Manifest:
     #: ``classifier`` (outputs are class scores), ``embedding`` (outputs are an embedding
     #: ``[N, D]``; targets are cosine similarities to concepts, :mod:`camserve.concepts`) or
     #: ``segmentation`` (outputs are a map ``[N, K, H, W]``; a target is a class over the
-    #: pixels predicted as it, :func:`camserve.export.trace.segmentation_cotangent`).
+    #: pixels predicted as it, :func:`camserve.export.trace.segmentation_cotangent`) or
+    #: ``detection`` (a one-image graph answering boxes, scores, labels and activations,
+    #: :mod:`camserve.export.detection`; ``threshold`` is then the lowest detection score
+    #: answered).
     kind: str = "classifier"
     schema_version: int = SCHEMA_VERSION
 
@@ -137,6 +140,10 @@ class Manifest:
     @property
     def segmentation(self) -> bool:
         return self.kind == "segmentation"
+
+    @property
+    def detection(self) -> bool:
+        return self.kind == "detection"
 
     @property
     def embedding(self) -> bool:

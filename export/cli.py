@@ -44,10 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to an ONNX graph with activations and gradients")
     p.add_argument("model", help="torchvision:NAME or package.module:factory")
     p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
-    p.add_argument("--target-layer", action="append", required=True, dest="target_layers",
-                   help="dotted module path, e.g. layer4.-1 (repeat for several layers)")
+    p.add_argument("--target-layer", action="append", dest="target_layers",
+                   help="dotted module path, e.g. layer4.-1 (repeat for several layers; a detector: one layer, "
+                        "default backbone)")
     p.add_argument("--labels", help="labels file, one per line")
-    p.add_argument("--input-size", type=_size, default=224, help="N or HxW (default 224)")
+    p.add_argument("--input-size", type=_size, help="N or HxW (default 224; a detector: 320)")
     p.add_argument("--mean", type=_floats, default=(0.485, 0.456, 0.406))
     p.add_argument("--std", type=_floats, default=(0.229, 0.224, 0.225))
     p.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
@@ -62,9 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax (one class) or sigmoid (multi-label, or a binary head with one output)")
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid heads: probability at which a label is predicted")
-    p.add_argument("--kind", choices=("classifier", "embedding", "segmentation"), default="classifier",
+    p.add_argument("--kind", choices=("classifier", "embedding", "segmentation", "detection"), default="classifier",
                    help="embedding: the model outputs an embedding, explained as cosine similarity to concepts; "
-                        "segmentation: the model outputs a map [N, K, H, W] (or a dict with 'out')")
+                        "segmentation: the model outputs a map [N, K, H, W] (or a dict with 'out'); "
+                        "detection: a torchvision-style detector, explained by EigenCAM of its feature pyramid")
+    p.add_argument("--fpn-level", help="detection: the pyramid level whose size the maps are resized to "
+                                       "(default: the last, as pytorch-grad-cam's Faster R-CNN tutorial)")
+    p.add_argument("--min-score", type=float, help="detection: the detector's own score threshold in the graph "
+                                                   "(default: the model's; lower it for random weights)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=run)
 
@@ -94,13 +100,21 @@ def run(args: argparse.Namespace) -> int:
         if not sep or layout not in ("NCHW", "NHWC"):
             raise CamserveError(f"--layout {item!r} must be LAYER=NCHW or LAYER=NHWC")
         layouts[layer] = layout
+    if args.kind != "detection" and not args.target_layers:
+        raise CamserveError("--target-layer is required (except with --kind detection)")
+    if args.kind != "detection" and (args.fpn_level or args.min_score is not None):
+        raise CamserveError("--fpn-level and --min-score apply to --kind detection only")
+    if args.kind == "detection" and args.target_layers and len(args.target_layers) != 1:
+        raise CamserveError(f"a detector is explained at one target layer, got {len(args.target_layers)}: {args.target_layers}")
     model = load_model(args.model)
     if args.weights:
         load_weights(model, args.weights)
     name = args.name or args.model.split(":", 1)[1].rsplit(".", 1)[-1]
+    if args.kind == "detection":
+        return _run_detection(args, model, name)
     with _user_errors(args.model):
         manifest = export_model(
-            model, args.target_layers, args.out, input_size=args.input_size, labels_file=args.labels,
+            model, args.target_layers, args.out, input_size=args.input_size or 224, labels_file=args.labels,
             model_name=name, model_version=args.version, mean=args.mean, std=args.std,
             channel_order=args.channel_order, layouts=layouts, head=args.head, extras=args.extras,
             output_activation=args.output_activation, threshold=args.threshold, kind=args.kind,
@@ -108,4 +122,26 @@ def run(args: argparse.Namespace) -> int:
         )
     layers = ", ".join(f"{lay.name} ({lay.layout} {list(lay.shape)})" for lay in manifest.target_layers)
     print(f"exported {manifest.model_name} {manifest.model_version}: {manifest.num_outputs} classes, layers {layers}")
+    return 0
+
+
+def _run_detection(args: argparse.Namespace, model, name: str) -> int:
+    from camserve.export.detection import export_detection, num_classes
+    from camserve.export.resolve import read_labels, torchvision_labels
+
+    labels = None
+    if args.labels:
+        labels = read_labels(args.labels, None, num_classes(model))
+    elif args.model.startswith("torchvision:"):
+        labels = torchvision_labels(args.model.split(":", 1)[1])
+    with _user_errors(args.model):
+        manifest = export_detection(
+            model, args.out, target_layer=(args.target_layers or ["backbone"])[0], level=args.fpn_level,
+            input_size=args.input_size or 320, labels=labels, model_name=name,
+            model_version=args.version, threshold=args.threshold, min_score=args.min_score,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
+    layer = manifest.target_layers[0]
+    print(f"exported detector {manifest.model_name} {manifest.model_version}: {manifest.num_outputs} classes, "
+          f"layer {layer.name} ({list(layer.shape)})")
     return 0

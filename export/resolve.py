@@ -43,7 +43,7 @@ def load_model(spec: str) -> nn.Module:
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = torchvision.models.get_model(attr, weights=None)
+                model = torchvision.models.get_model(attr, weights=None, **_no_backbone_weights(attr))
         except ValueError as exc:
             names = torchvision.models.list_models(module=torchvision.models)
             near = difflib.get_close_matches(attr, names, n=5)
@@ -62,6 +62,33 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CamserveError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _no_backbone_weights(name: str) -> dict[str, None]:
+    """``weights_backbone=None`` for the builders that take it (detection, segmentation):
+    their default is a pretrained backbone, which cannot be downloaded here."""
+    import inspect
+
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        return {}
+    return {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+
+
+def torchvision_labels(name: str) -> list[str] | None:
+    """The class names a torchvision builder's weights declare (offline: the enum's metadata)."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+    first = next(iter(weights), None)
+    categories = first.meta.get("categories") if first is not None else None
+    return list(categories) if categories else None
 
 
 def _unpickle_detail(exc: Exception) -> str:

@@ -17,7 +17,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 from camserve.audit.service import make_service  # noqa: E402
 from camserve.config import load_config  # noqa: E402
 from camserve.pipeline.metrics import Recorder  # noqa: E402
-from camserve.pipeline.runtime import GraphSession, default_providers  # noqa: E402
+from camserve.pipeline.runtime import default_providers, open_session  # noqa: E402
 from camserve.pipeline.request import PARAMS_HEADER, Request, header  # noqa: E402
 from camserve.serving.torchserve import envelopes  # noqa: E402
 
@@ -36,7 +36,7 @@ class CamserveHandler:
         props = context.system_properties
         model = (getattr(context, "manifest", None) or {}).get("model", {})
         providers = PROVIDERS.get(config.runtime.providers) or default_providers()
-        session = GraphSession(
+        session = open_session(
             props["model_dir"],
             providers=providers,
             intra_op_threads=config.runtime.threads_for(config.server.workers),

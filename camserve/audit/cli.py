@@ -92,7 +92,7 @@ def write_overlays(sink: Sink, rec: dict[str, Any], out_dir: Path) -> list[Path]
             if png is None:
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
-            stem = f"{rec.get('request_id') or rec.get('seq')}.{i}.{e['method']}.{e['target']['index']}"
+            stem = f"{rec.get('request_id') or rec.get('seq')}.{i}.{e['method']}.{target_name(e['target'])}"
             if rgb is not None:
                 cam = render.decode_image(png, grayscale=True).astype(np.float32) / 255.0
                 path = out_dir / f"{stem}.overlay.png"
@@ -102,6 +102,12 @@ def write_overlays(sink: Sink, rec: dict[str, Any], out_dir: Path) -> list[Path]
                 path.write_bytes(png)
             written.append(path)
     return written
+
+
+def target_name(target: dict[str, Any]) -> str:
+    """An explanation's target in file names and CSV cells: the class index, or ``detections``
+    for a detector's map over all its kept detections."""
+    return str(target["index"]) if "index" in target else "detections"
 
 
 CSV_FIELDS = ("seq", "time", "request_id", "model", "version", "graph_sha256", "outcome", "status",
@@ -119,7 +125,7 @@ def csv_row(row: Stored) -> dict[str, Any]:
         "status": rec.get("status"), "input_sha256": " ".join(rec.get("input_sha256") or []),
         "image_sizes": " ".join(f"{w}x{h}" for w, h in rec.get("image_sizes") or []),
         "top_class": " ".join(str(p["index"]) for p in top), "top_score": " ".join(str(p["score"]) for p in top),
-        "targets": " ".join(f"{e['method']}:{e['target']['index']}" for img in images for e in img.get("explanations") or []),
+        "targets": " ".join(f"{e['method']}:{target_name(e['target'])}" for img in images for e in img.get("explanations") or []),
         "hash": row.hash,
     }
 

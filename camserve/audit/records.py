@@ -75,7 +75,8 @@ def classes_of(record: dict[str, Any]) -> list[int]:
         preds = image.get("predictions") or []
         if preds:
             out.append(int(preds[0]["index"]))
-        out.extend(int(e["target"]["index"]) for e in image.get("explanations") or [])
+        # a detector's explanation covers its detections (target {"detections": n}, no index)
+        out.extend(int(e["target"]["index"]) for e in image.get("explanations") or [] if "index" in e["target"])
     return sorted(set(out))
 
 

@@ -211,7 +211,7 @@ def _add_record(sink: Any, rec: dict[str, Any], methods: list[str], topk: int, a
         peaks: dict[str, tuple[int, int]] = {}
         for e in img.get("explanations") or []:
             m = e.get("method")
-            if m not in methods or m in cams or int(e["target"]["index"]) != top:
+            if m not in methods or m in cams or e["target"].get("index") != top:
                 continue
             png = sink.blob(e["heatmap_sha256"]) if e.get("heatmap_sha256") else None
             cams[m] = decode_image(png, grayscale=True).astype(np.float32) / 255.0 if png else None

@@ -28,6 +28,10 @@ class Answers:
 
     def _answer(self, item: Any, result: dict[str, Any]) -> dict[str, Any]:
         params = item.params
+        if getattr(self.manifest, "detection", False):
+            from camserve.pipeline import detection
+
+            return detection.answer(self, item, result)
         probs = heads.probabilities(result["logits"], self.manifest)
         images = []
         for i, (name, rgb) in enumerate(zip(item.names, item.images)):

@@ -12,8 +12,9 @@ Parameters come from three places, which may be combined when they do not contra
 =============  =====================================  =======================================
 name           values                                 default
 =============  =====================================  =======================================
-methods        comma list or JSON list of CAM names   ``gradcam``
-target         ``top1``, ``topk`` or class indices     ``top1``
+methods        comma list or JSON list of CAM names   ``gradcam`` (a detector: ``eigencam``)
+target         ``top1``, ``topk`` or class indices     ``top1`` (a detector: every
+                                                      detection; classes filter them)
 topk           integer >= 1 (used by ``target=topk``)  3
 output         ``png``, ``overlay``, ``array``,        ``png`` when explaining, else ``none``
                ``summary`` or ``none`` (comma list)
@@ -30,7 +31,9 @@ score          what gradient methods explain:         ``logit`` (``binary`` on a
                ``logit``, ``softmax`` (probability),  one-output sigmoid head)
                ``binary`` (:mod:`camserve.heads`)
 threshold      number in (0, 1): sigmoid heads list   the manifest's
-               labels at least this probable
+               labels at least this probable;
+               a detector answers detections
+               scoring at least this
 concept        embedding models: comma list of        none (or a multipart
                registered concept names               part ``concept_image``)
 =============  =====================================  =======================================
@@ -278,8 +281,13 @@ def parse_params(
     explain_default: bool = False,
     max_targets: int = 10,
     max_methods: int = 4,
+    default_methods: tuple[str, ...] = ("gradcam",),
+    default_target: Target = Target(topk=1),
 ) -> RequestParams:
-    """Validate raw parameter values (see the module docstring) into :class:`RequestParams`."""
+    """Validate raw parameter values (see the module docstring) into :class:`RequestParams`.
+
+    ``default_methods`` and ``default_target`` are the model kind's defaults (a detector:
+    ``eigencam`` over every detection, ``Target()``)."""
     for key in raw:
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
@@ -296,8 +304,8 @@ def parse_params(
     if not explain:
         if output not in (None, ("none",)) or asks:
             raise BadParameter("parameter explain=false contradicts the explanation parameters given")
-        return RequestParams(explain=False, threshold=threshold)
-    methods = _names("methods", raw["methods"]) if "methods" in raw else ("gradcam",)
+        return RequestParams(explain=False, threshold=threshold, target=default_target)
+    methods = _names("methods", raw["methods"]) if "methods" in raw else default_methods
     for method in methods:
         if method not in known:
             raise BadParameter(f"unknown method {method!r} (known: {', '.join(known)})")
@@ -306,7 +314,7 @@ def parse_params(
     topk = _int("topk", raw["topk"]) if "topk" in raw else min(DEFAULT_TOPK, num_classes)
     if not 1 <= topk <= num_classes:
         raise BadParameter(f"parameter topk={topk} is out of range (1..{num_classes})")
-    target = _target(raw["target"], topk, num_classes) if "target" in raw else (Target(topk=topk) if "topk" in raw else Target(topk=1))
+    target = _target(raw["target"], topk, num_classes) if "target" in raw else (Target(topk=topk) if "topk" in raw else default_target)
     if target.topk is not None and not 1 <= target.topk <= num_classes:
         raise BadParameter(f"parameter target=top{target.topk} is out of range (1..{num_classes})")
     params = RequestParams(
@@ -332,5 +340,5 @@ def parse_params(
     if params.n_targets > max_targets:
         raise BadParameter(f"the request asks for {params.n_targets} targets, more than the limit of {max_targets}")
     if output == ("none",):
-        return RequestParams(explain=False, threshold=threshold)
+        return RequestParams(explain=False, threshold=threshold, target=target)
     return params

@@ -212,3 +212,13 @@ class GraphSession:
                 raise InputError("this head graph needs the images (one per activation row) as well")
             feeds["image"] = self.check_images(images)
         return self.head.run(["logits"], feeds)[0]
+
+
+def open_session(directory: str | Path, **kwargs) -> GraphSession:
+    """The session an export needs: :class:`GraphSession`, or for a detector
+    :class:`camserve.pipeline.detection.DetectionSession` (same keyword arguments)."""
+    if Manifest.load(directory).kind == "detection":
+        from camserve.pipeline.detection import DetectionSession
+
+        return DetectionSession(directory, **kwargs)  # type: ignore[return-value]
+    return GraphSession(directory, **kwargs)

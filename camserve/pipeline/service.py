@@ -38,7 +38,7 @@ import numpy as np
 
 from camserve import heads
 from camserve.concepts import load as load_concepts
-from camserve.pipeline import embedding, imageio
+from camserve.pipeline import detection, embedding, imageio
 from camserve.config import Limits
 from camserve.errors import CamserveError
 from camserve.pipeline.metrics import Recorder
@@ -100,6 +100,9 @@ class Service(Answers):
             extra = cam.get_method(name).extra
             if extra and extra not in self.manifest.extras:
                 self.unavailable[name] = f"it needs the {extra!r} graph (re-export with camserve export --extras {extra})"
+        if getattr(self.manifest, "detection", False):  # gradient-free: the detection graph has no backward
+            self.unavailable = {name: "a detector is explained by eigencam (its graph has no backward)"
+                                for name in self.methods if name != detection.METHOD}
         self.labels = list(self.manifest.labels)
         #: An embedding model's registered concepts (``camserve concepts add``).
         self.concepts = load_concepts(session.directory) if getattr(self.manifest, "embedding", False) else {}
@@ -130,6 +133,7 @@ class Service(Answers):
                 explain_default=item.request.explain_route,
                 max_targets=self.limits.max_targets,
                 max_methods=self.limits.max_methods,
+                **(detection.PARAM_DEFAULTS if getattr(self.manifest, "detection", False) else {}),
             )
         except CamserveError:
             raise
@@ -169,6 +173,8 @@ class Service(Answers):
     def _check_head_params(self, params: RequestParams) -> None:
         """``threshold`` and ``score`` that the model's head cannot honour are 400s."""
         m = self.manifest
+        if getattr(m, "detection", False):
+            return detection.check_params(params, self.name)
         if params.metrics and getattr(m, "segmentation", False):
             raise BadParameter(f"parameter metrics is not defined for segmentation model {self.name!r} (no class probability "
                                "to perturb)")
@@ -203,6 +209,8 @@ class Service(Answers):
 
     def _run_groups(self, items: list[_Item], batch: np.ndarray) -> dict[int, dict[str, Any]]:
         """One model call per group of alike requests; returns per-item results."""
+        if getattr(self.manifest, "detection", False):
+            return detection.run_groups(self, items, batch)
         groups: dict[tuple, list[_Item]] = {}
         for item in items:
             p = item.params

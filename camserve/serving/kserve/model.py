@@ -82,10 +82,10 @@ class CamserveModel(Model):
         from camserve.audit.service import make_service
         from camserve.pipeline.metrics import Recorder
         from camserve.serving.kserve.prom import process_cache
-        from camserve.pipeline.runtime import GraphSession, default_providers
+        from camserve.pipeline.runtime import default_providers, open_session
 
         providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-        session = GraphSession(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
+        session = open_session(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
                                intra_op_threads=self.config.runtime.threads_for(self.workers))
         self.version = self.version or session.manifest.model_version
         cache = process_cache()

@@ -1,0 +1,275 @@
+"""Object detection: detections and EigenCAM maps renormalized inside their boxes.
+
+The detection graph (:mod:`camserve.export.detection`) answers one image at a time with
+boxes, scores, labels and the feature pyramid's activations (``|.|``, resized, stacked).
+The explanation is gradient-free, as in pytorch-grad-cam's Faster R-CNN tutorial:
+
+1. EigenCAM of the stacked activations: the projection on their first principal component,
+   ReLU, min-max, resized to the input (:func:`eigencam_maps`, the oracle's ``EigenCAM``);
+2. the kept detections (score >= threshold, optionally of the asked classes or the top k)
+   select boxes; inside each box the map is min-max normalized again, outside it is 0, and
+   overlapping boxes take the larger value; the result is min-max normalized once more
+   (:func:`renormalize_in_boxes`).
+
+Where we differ from the tutorial's ``renormalize_cam_in_bounding_boxes``: it normalizes a
+box's crop with ``scale_cam_image``, which iterates over its first axis and so normalizes
+row by row, and a later box overwrites an earlier one where they overlap; we normalize each
+box as a whole and take the maximum, so the map does not depend on the order of the boxes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from camserve.cam.projection import first_component
+from camserve.cam.scaling import EPS, combine_layers, minmax
+from camserve.errors import InputError, ManifestError
+from camserve.manifest import Manifest, sha256_file
+from camserve.pipeline.params import Target
+
+#: The method detection is explained by (gradient-free: the graph has no backward).
+METHOD = "eigencam"
+#: (image, box) pairs renormalized at once: bounds the masks' memory (pairs x H x W floats).
+BOX_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One batch through the detection graph: per image ``boxes [D, 4]`` (x1, y1, x2, y2 in
+    graph-input pixels), ``scores [D]``, ``labels [D]``; ``activations [N, C, h, w]``."""
+
+    boxes: list[np.ndarray]
+    scores: list[np.ndarray]
+    labels: list[np.ndarray]
+    activations: np.ndarray
+
+
+class DetectionSession:
+    """An ONNX Runtime session over a detection export (one image per graph run)."""
+
+    def __init__(self, directory: str | Path, *, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None, verify_hash: bool = True) -> None:
+        from camserve.pipeline.runtime import default_providers, ort, session_options
+
+        self.directory = Path(directory)
+        self.manifest = Manifest.load(self.directory)
+        if not self.manifest.detection:
+            raise ManifestError(f"{self.directory} holds a {self.manifest.kind} export, not a detector")
+        graph = self.directory / self.manifest.graph_file
+        if not graph.is_file():
+            raise ManifestError(f"graph file {graph} named by the manifest does not exist")
+        if verify_hash and self.manifest.graph_sha256 and sha256_file(graph) != self.manifest.graph_sha256:
+            raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
+        self.providers = providers or default_providers()
+        self.options = session_options(intra_op_threads)
+        self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
+        self.extras: dict[str, Any] = {}
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        h, w = self.manifest.input_size
+        if images.ndim != 4 or images.shape[1:] != (3, h, w):
+            raise InputError(f"images must have shape [N, 3, {h}, {w}], got {list(images.shape)}")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def run(self, images: np.ndarray) -> Detections:
+        """Every image through the graph (its batch is one image: the detectors' post-processing
+        loops over images, so the graph is exported at one)."""
+        images = self.check_images(images)
+        boxes, scores, labels, acts = [], [], [], []
+        for image in images:
+            b, s, lab, a = self.session.run(None, {"image": image[None]})
+            boxes.append(b.reshape(-1, 4))
+            scores.append(s.reshape(-1))
+            labels.append(lab.reshape(-1).astype(np.int64))
+            acts.append(a)
+        return Detections(boxes, scores, labels, np.concatenate(acts, axis=0))
+
+
+def eigencam_maps(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """EigenCAM ``[N, H, W]`` in [0, 1] of activations ``[N, C, h, w]`` at input size ``size``."""
+    return combine_layers([first_component(activations)], size)
+
+
+def box_pixels(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Boxes as integer pixel ranges ``[x1, y1, x2, y2]`` clipped to the image (the tutorial's
+    ``astype(int32)``: coordinates truncated, ``x2``/``y2`` exclusive)."""
+    h, w = size
+    pix = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).astype(np.int64)
+    return np.clip(pix, 0, [w, h, w, h])
+
+
+def renormalize_in_boxes(cams: np.ndarray, image_index: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Maps ``[N, H, W]`` renormalized inside boxes (see the module docstring).
+
+    ``boxes [B, 4]`` are integer pixel boxes (:func:`box_pixels`) and ``image_index [B]`` says
+    which map each belongs to. An image without boxes gets an all-zero map.
+    """
+    n, h, w = cams.shape
+    out = np.zeros_like(cams, dtype=np.float32)
+    ys, xs = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+    for start in range(0, len(boxes), BOX_CHUNK):  # bounded memory; images stay batched
+        b, idx = boxes[start : start + BOX_CHUNK], image_index[start : start + BOX_CHUNK]
+        inside = ((ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None])
+                  & (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]))
+        values = cams[idx]
+        lo = np.where(inside, values, np.inf).min(axis=(1, 2), keepdims=True)
+        hi = np.where(inside, values, -np.inf).max(axis=(1, 2), keepdims=True)
+        empty = ~np.isfinite(lo)  # a box of no pixel (clipped away): nothing to normalize
+        lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
+        normed = np.where(inside, (values - lo) / (EPS + (hi - lo)), 0.0).astype(np.float32)
+        np.maximum.at(out, idx, normed)
+    return minmax(out)
+
+
+def keep(det: Detections, threshold: float, classes: tuple[int, ...] = (), topk: int | None = None) -> list[np.ndarray]:
+    """Per image, the indices of the answered detections: score >= ``threshold``, of
+    ``classes`` when given, at most ``topk`` (highest scores first)."""
+    kept = []
+    for scores, labels in zip(det.scores, det.labels):
+        ok = scores >= threshold
+        if classes:
+            ok &= np.isin(labels, classes)
+        idx = np.flatnonzero(ok)
+        idx = idx[np.argsort(-scores[idx], kind="stable")]
+        kept.append(idx[:topk] if topk is not None else idx)
+    return kept
+
+
+@dataclass(frozen=True)
+class Explained:
+    """Detections, the kept ones per image, their maps ``[N, H, W]`` and the seconds spent."""
+
+    detections: Detections
+    kept: list[np.ndarray]
+    cams: np.ndarray | None
+    timings: dict[str, float]
+
+
+def explain(session: DetectionSession, images: np.ndarray, threshold: float, classes: tuple[int, ...] = (),
+            topk: int | None = None, maps: bool = True) -> Explained:
+    """Run the detector on ``images`` and (``maps``) explain its kept detections."""
+    start = time.perf_counter()
+    det = session.run(images)
+    inference = time.perf_counter() - start
+    kept = keep(det, threshold, classes, topk)
+    cams = None
+    if maps:
+        size = tuple(session.manifest.input_size)
+        raw = eigencam_maps(det.activations, size)
+        index = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(kept)])
+        boxes = np.concatenate([box_pixels(det.boxes[i][k], size) for i, k in enumerate(kept)]) if len(index) else np.zeros((0, 4), np.int64)
+        cams = renormalize_in_boxes(raw, index, boxes)
+    return Explained(det, kept, cams, {"inference": inference, "cam": time.perf_counter() - start - inference})
+
+
+# ------------------------------------------------------------------ serving ---
+#
+# The detector's share of :class:`camserve.pipeline.service.Service`: one graph run per image,
+# one EigenCAM per image over the kept detections. An answer's image lists its detections
+# (as ``predictions``, boxes in the sent image's pixels) and one ``eigencam`` explanation
+# whose map is renormalized inside their boxes; its overlay has the boxes drawn.
+
+#: :func:`camserve.pipeline.params.parse_params` defaults for a detector: eigencam over every
+#: detection (``target`` class indices keep the detections of those classes, ``topk`` the k best).
+PARAM_DEFAULTS: dict[str, Any] = {"default_methods": (METHOD,), "default_target": Target()}
+
+
+def check_params(params: Any, model: str) -> None:
+    """400s for what a detector cannot honour, naming the parameter."""
+    from camserve.pipeline.params import BadParameter
+
+    if params.metrics:
+        raise BadParameter(f"parameter metrics is not defined for detection model {model!r} (no class probability to perturb)")
+    if params.score != "logit":
+        raise BadParameter(f"parameter score={params.score} is not defined for detection model {model!r} (EigenCAM has no target score)")
+    if params.explain and params.aug_smooth:
+        raise BadParameter(f"parameter aug_smooth is not supported for detection model {model!r} (the boxes move with the augmentation)")
+
+
+def run_groups(service: Any, items: list[Any], batch: np.ndarray) -> dict[int, dict[str, Any]]:
+    """Each request's detections (and maps, when it asks for explanations), per item."""
+    results: dict[int, dict[str, Any]] = {}
+    threshold_default = float(service.manifest.threshold)
+    for item in items:  # the graph runs per image anyway: a request is its own group
+        p = item.params
+        rows = batch[item.rows]
+        service.recorder.batch(len(rows))
+        try:
+            out = explain(service.session, rows, p.threshold if p.threshold is not None else threshold_default,
+                          p.target.classes, p.target.topk, maps=p.explain)
+        except Exception as exc:  # noqa: BLE001 - the request fails, the batch goes on
+            item.error = exc
+            continue
+        service.recorder.inference(out.timings["inference"])
+        if p.explain:
+            service.recorder.explain(METHOD, out.timings["cam"])
+        item.timings = dict(out.timings)
+        item.batch = len(rows)
+        results[id(item)] = {"explained": out,
+                             "cams": {METHOD: list(out.cams[:, None])} if out.cams is not None else {}}  # [T=1, H, W] per image
+    return results
+
+
+def _detections(service: Any, det: Detections, i: int, kept: np.ndarray, scale: tuple[float, float]) -> list[dict[str, Any]]:
+    sx, sy = scale
+    labels = service.manifest.labels
+    out = []
+    for d in kept:
+        x1, y1, x2, y2 = (float(v) for v in det.boxes[i][d])
+        index = int(det.labels[i][d])
+        out.append({"index": index, "label": labels[index] if 0 <= index < len(labels) else str(index),
+                    "score": round(float(det.scores[i][d]), 6),
+                    "box": [round(x1 * sx, 2), round(y1 * sy, 2), round(x2 * sx, 2), round(y2 * sy, 2)]})
+    return out
+
+
+def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]]) -> np.ndarray:
+    """``image`` (uint8 RGB) with each detection's box and label drawn."""
+    import cv2
+
+    out = np.ascontiguousarray(image).copy()
+    thick = max(1, round(min(out.shape[:2]) / 200))
+    for d in detections:
+        x1, y1, x2, y2 = (int(round(v)) for v in d["box"])
+        cv2.rectangle(out, (x1, y1), (x2, y2), (255, 255, 255), thick)
+        cv2.putText(out, f"{d['label']} {d['score']:.2f}", (x1 + 2, max(y1 - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.4 * thick, (255, 255, 255), thick, cv2.LINE_AA)
+    return out
+
+
+def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """The ``images`` of a detector's ``camserve/1`` answer (see :mod:`camserve.pipeline.service`)."""
+    import base64
+
+    from camserve.pipeline import render
+
+    out: Explained = result["explained"]
+    params = item.params
+    h_in, w_in = service.manifest.input_size
+    images = []
+    for i, (name, rgb) in enumerate(zip(item.names, item.images)):
+        scale = (rgb.shape[1] / w_in, rgb.shape[0] / h_in)
+        found = _detections(service, out.detections, i, out.kept[i], scale)
+        entry: dict[str, Any] = {"field": name, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+                                 "predictions": found}
+        if params.explain and out.cams is not None:
+            cam = out.cams[i]
+            summary = render.summarize(cam[None], image_size=(int(rgb.shape[0]), int(rgb.shape[1]))).as_dicts()[0]
+            summary["signal_ratio"] = None
+            summary["degenerate"] = not found
+            summary["degenerate_reason"] = None if found else "no detection kept: the map is zero"
+            exp: dict[str, Any] = {"method": METHOD, "target": {"detections": len(found)}, "summary": summary}
+            if "png" in params.output:
+                exp["png"] = base64.b64encode(render.heatmap_png(cam[None])[0]).decode("ascii")
+            if "overlay" in params.output:
+                exp["overlay"] = base64.b64encode(render.encode_png(draw_boxes(render.overlay(rgb, cam), found))).decode("ascii")
+            if "array" in params.output:
+                exp["array"] = render.to_float16(cam[None]).to_json()
+            entry["explanations"] = [exp]
+        images.append(entry)
+    return {"images": images}
