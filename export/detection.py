@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.utils
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,9 +53,9 @@ class DetectionGraph(nn.Module):
     """``image [1, 3, H, W] -> (boxes, scores, labels, activations)`` around a torchvision-style
     detector (``model(list_of_images) -> [{"boxes", "scores", "labels"}]``)."""
 
-    def __init__(self, model: nn.Module, layer: nn.Module, level: str | None = None) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module, level: str | None = None, maps: bool = True) -> None:
         super().__init__()
-        self.model, self.layer, self.level = model, layer, level
+        self.model, self.layer, self.level, self.maps = model, layer, level, maps
 
     def levels(self, output: object) -> list[tuple[str, torch.Tensor]]:
         if isinstance(output, torch.Tensor):
@@ -66,6 +65,9 @@ class DetectionGraph(nn.Module):
         raise ExportError(f"the detection target layer must return a 4-d tensor or a dict of them, got {type(output).__name__}")
 
     def forward(self, image: torch.Tensor):
+        if not self.maps:  # the forward-only baseline: the detector's own outputs
+            det = self.model(list(image))[0]
+            return det["boxes"], det["scores"], det["labels"]
         store: list[object] = []
         handle = self.layer.register_forward_hook(lambda _m, _i, out: store.append(out))
         try:
@@ -211,16 +213,19 @@ def export_detection(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp_str:
         tmp = Path(tmp_str)
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(graph, (example,), str(tmp / GRAPH_FILE), dynamo=False, opset_version=OPSET,
-                                  input_names=["image"], output_names=list(OUTPUTS))
-            except Exception as exc:
-                raise ExportError(f"exporting the detector failed: {resolve.one_line(exc)}") from exc
+        # the forward-only graph is a second export, not an extraction of the first: the
+        # detectors' If nodes read outer-scope values, which onnx's Extractor does not follow
+        forward = DetectionGraph(model, layer, level, maps=False).eval()
+        for module, file, outputs in ((graph, GRAPH_FILE, OUTPUTS), (forward, FORWARD_FILE, OUTPUTS[:3])):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(module, (example,), str(tmp / file), dynamo=False, opset_version=OPSET,
+                                      input_names=["image"], output_names=list(outputs))
+                except Exception as exc:
+                    raise ExportError(f"exporting the detector failed: {resolve.one_line(exc)}") from exc
         proto = onnx.load(str(tmp / GRAPH_FILE))
-        log(f"exported detection graph ({len(proto.graph.node)} nodes) in {time.perf_counter() - t0:.1f} s")
-        onnx.save(onnx.utils.Extractor(proto).extract_model(["image"], list(OUTPUTS[:3])), str(tmp / FORWARD_FILE))
+        log(f"exported detection graph ({len(proto.graph.node)} nodes) and its forward in {time.perf_counter() - t0:.1f} s")
         figures: dict = {}
         if check:
             t0 = time.perf_counter()

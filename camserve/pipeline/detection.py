@@ -34,8 +34,6 @@ from camserve.pipeline.params import Target
 
 #: The method detection is explained by (gradient-free: the graph has no backward).
 METHOD = "eigencam"
-#: (image, box) pairs renormalized at once: bounds the masks' memory (pairs x H x W floats).
-BOX_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -108,21 +106,19 @@ def renormalize_in_boxes(cams: np.ndarray, image_index: np.ndarray, boxes: np.nd
 
     ``boxes [B, 4]`` are integer pixel boxes (:func:`box_pixels`) and ``image_index [B]`` says
     which map each belongs to. An image without boxes gets an all-zero map.
+
+    One slice per box: the crops are ragged, and a slice costs the box's area, where the
+    batched form (a ``[B, H, W]`` mask per box) costs ``B x H x W``: 130x slower at 100 boxes
+    per 320 px image (1.7 s against 13 ms for 8 images, ``bench/bench_detection.py``).
     """
-    n, h, w = cams.shape
-    out = np.zeros_like(cams, dtype=np.float32)
-    ys, xs = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
-    for start in range(0, len(boxes), BOX_CHUNK):  # bounded memory; images stay batched
-        b, idx = boxes[start : start + BOX_CHUNK], image_index[start : start + BOX_CHUNK]
-        inside = ((ys >= b[:, 1, None, None]) & (ys < b[:, 3, None, None])
-                  & (xs >= b[:, 0, None, None]) & (xs < b[:, 2, None, None]))
-        values = cams[idx]
-        lo = np.where(inside, values, np.inf).min(axis=(1, 2), keepdims=True)
-        hi = np.where(inside, values, -np.inf).max(axis=(1, 2), keepdims=True)
-        empty = ~np.isfinite(lo)  # a box of no pixel (clipped away): nothing to normalize
-        lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
-        normed = np.where(inside, (values - lo) / (EPS + (hi - lo)), 0.0).astype(np.float32)
-        np.maximum.at(out, idx, normed)
+    out = np.zeros(cams.shape, dtype=np.float32)
+    for i, (x1, y1, x2, y2) in zip(np.asarray(image_index).tolist(), np.asarray(boxes).tolist()):
+        crop = cams[i, y1:y2, x1:x2]
+        if crop.size == 0:  # a box of no pixel (clipped away)
+            continue
+        lo, hi = crop.min(), crop.max()
+        view = out[i, y1:y2, x1:x2]
+        np.maximum(view, (crop - lo) / (EPS + (hi - lo)), out=view)
     return minmax(out)
 
 

@@ -1,0 +1,119 @@
+"""A detector's explanation against its forward: EigenCAM needs no backward, so the explain
+path is the detection graph (the forward plus the stacked pyramid maps it already computes)
+and numpy post-processing (projection, boxes renormalization).
+
+fasterrcnn_mobilenet_v3_large_320_fpn (random weights, batch norms calibrated on scenes so
+that scores and boxes differ, ``--min-score 0``: 100 detections per image, the worst case
+for the per-box step), exported with ``--kind detection``; the export's forward-only graph
+(``forward.onnx``: boxes, scores, labels) and the explain path run in ONNX Runtime CPU with
+the same threads, alternating (this machine is shared and noisy). Prints median latencies
+and the ratios to the forward. Detectors run one image per graph run, so batch N is N runs.
+
+    python bench/bench_detection.py [--batches 1 8] [--threads 2] [--repeats 7] [--keep 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+SIZE = 320
+
+
+def calibrated_fasterrcnn():
+    """fasterrcnn_mobilenet_v3_large_320_fpn, random weights, batch norms calibrated on scenes
+    (with the default running statistics its pyramid maps are ~1e-8 and every score ties)."""
+    import torch
+    import torchvision
+
+    from camserve.export.detection import _images
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
+    body = model.backbone.body
+    for module in body.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    body.train()
+    with torch.no_grad():
+        for seed in range(10, 14):
+            body((torch.cat(_images((SIZE, SIZE), seed)) - 0.45) / 0.25)
+    return model.eval()
+
+
+def export() -> Path:
+    from camserve.export.detection import export_detection
+
+    out = CACHE / "fasterrcnn-mobilenet-320-detection"
+    if not (out / "manifest.json").exists():
+        export_detection(calibrated_fasterrcnn(), out, input_size=SIZE, model_name="fasterrcnn", min_score=0.0, check=False)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--keep", type=int, default=100, help="detections explained per image (top k)")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+
+    from camserve.export.detection import _images
+    from camserve.pipeline import detection
+    from camserve.pipeline.runtime import session_options
+
+    out = export()
+    session = detection.DetectionSession(out, intra_op_threads=args.threads)
+    forward = ort.InferenceSession(str(out / session.manifest.forward_graph_file), sess_options=session_options(args.threads),
+                                   providers=["CPUExecutionProvider"])
+    rows = []
+    for batch in args.batches:
+        images = np.concatenate([_images((SIZE, SIZE), 100 + i)[0].numpy() for i in range(batch)])
+
+        def run_forward() -> None:
+            for image in images:
+                forward.run(None, {"image": image[None]})
+
+        state: dict = {}
+
+        def run_explain() -> None:
+            state["out"] = detection.explain(session, images, threshold=0.0, topk=args.keep)
+
+        calls = {"forward (boxes, scores, labels)": run_forward, "detection graph (+ maps)": lambda: session.run(images),
+                 "explain (graph + EigenCAM + boxes)": run_explain}
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for fn in calls.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        kept = sum(len(k) for k in state["out"].kept)
+        base = statistics.median(times["forward (boxes, scores, labels)"])
+        for name, values in times.items():
+            med = statistics.median(values)
+            rows.append((batch, name, med * 1000, med / base, kept))
+            print(f"batch {batch} {name:36s} {med * 1000:8.1f} ms  {med / base:5.2f}x forward ({kept} boxes)", file=sys.stderr)
+    print(f"\nfasterrcnn_mobilenet_v3_large_320_fpn, {SIZE} px, {args.threads} threads, median of {args.repeats} "
+          "alternating runs\n")
+    print("| batch | run | ms | / forward | boxes explained |\n|---:|---|---:|---:|---:|")
+    for batch, name, ms, ratio, kept in rows:
+        print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f}x | {kept} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
