@@ -222,6 +222,10 @@ def export_model(
         tmp = Path(tmp_str)
         t0 = time.perf_counter()
         example = _example(2, num_outputs, size)
+        input_names = ["image", "cotangent", "target_rank"]
+        if segmentation:  # the client's mask per row (-1: the predicted mask), see trace.segmentation_cotangent
+            example = (*example, torch.cat([parity.predicted_region(example[0][:1]), torch.ones(1, 1, *size)]))
+            input_names.append("region")
         try:
             gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding",
                                                                                    segmentation=segmentation))
@@ -232,7 +236,7 @@ def export_model(
         log(f"traced joint graph ({len(gm.graph.nodes)} nodes) in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         outputs = onnx_export.output_names(len(layers))
-        proto = onnx_export.export_graph(gm, example, ["image", "cotangent", "target_rank"], outputs, tmp / GRAPH_FILE)
+        proto = onnx_export.export_graph(gm, example, input_names, outputs, tmp / GRAPH_FILE)
         log(f"exported ONNX graph in {time.perf_counter() - t0:.1f} s")
 
         figures: dict = {}
@@ -241,7 +245,7 @@ def export_model(
             t0 = time.perf_counter()
             figures = parity.check_parity(session, trace.joint_function(model, modules, cosine=kind == "embedding",
                                                                         segmentation=segmentation), outputs,
-                                          num_outputs, size, cosine=kind == "embedding")
+                                          num_outputs, size, cosine=kind == "embedding", region=segmentation)
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():

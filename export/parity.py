@@ -28,9 +28,10 @@ MAX_SHARE = 1e-3
 
 
 def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0,
-                 cosine: bool = False) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+                 cosine: bool = False, region: bool = False) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
     """Batch 1 and 3 inputs with one-hot (explicit and by rank) and mixed cotangents (and,
-    ``cosine``, concepts whose similarity is explained)."""
+    ``cosine``, concepts whose similarity is explained; ``region``, a segmentation graph's
+    client masks: a box on every other row, the predicted mask (-1) on the others)."""
     g = torch.Generator().manual_seed(seed)
     h, w = input_size
     cases = []
@@ -48,7 +49,20 @@ def parity_cases(num_outputs: int, input_size: tuple[int, int], seed: int = 0,
         ]
         if cosine:
             cases.append((f"b{batch}-cosine", (image, mixed.abs(), torch.full((batch,), -2, dtype=torch.int64))))
+    if region:
+        cases = [(name, (*args, predicted_region(args[0]))) for name, args in cases]
+        image = cases[-1][1][0]
+        none = torch.full((len(image),), -1, dtype=torch.int64)  # client masks name their classes
+        boxed = predicted_region(image)
+        boxed[::2] = 0.0
+        boxed[::2, :, h // 4 : h // 2, w // 3 : (3 * w) // 4] = 1.0
+        cases.append((f"b{len(image)}-region", (image, torch.randn(len(image), num_outputs, generator=g), none, boxed)))
     return cases
+
+
+def predicted_region(image: torch.Tensor) -> torch.Tensor:
+    """The ``region`` input that asks for the predicted masks: -1 everywhere, ``[N, 1, H, W]``."""
+    return torch.full((image.shape[0], 1, *image.shape[2:]), -1.0)
 
 
 def compare(name: str, ours: np.ndarray, ref: np.ndarray, tol: float = TOL) -> dict[str, float]:
@@ -67,6 +81,7 @@ def check_parity(
     input_size: tuple[int, int],
     tol: float = TOL,
     cosine: bool = False,
+    region: bool = False,
 ) -> dict[str, Any]:
     """Run the graph (an ONNX Runtime session) and the eager reference on the parity cases;
     raise on disagreement.
@@ -76,8 +91,9 @@ def check_parity(
     """
     worst: dict[str, dict[str, float]] = {}
     grads_seen: list[np.ndarray] = []
-    for case, args in parity_cases(num_outputs, input_size, cosine=cosine):
-        feeds = dict(zip(("image", "cotangent", "target_rank"), (a.numpy() for a in args)))
+    cases = parity_cases(num_outputs, input_size, cosine=cosine, region=region)
+    for case, args in cases:
+        feeds = dict(zip(("image", "cotangent", "target_rank", "region"), (a.numpy() for a in args)))
         ours = sess.run(list(names), feeds)
         # the math attention kernel, as traced: CPU flash attention has no double backward (ShapleyCAM)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -94,7 +110,7 @@ def check_parity(
         raise ParityError(f"ONNX Runtime and PyTorch disagree: {detail}")
     if grads_seen and all(not np.any(g) for g in grads_seen):
         raise ParityError("every gradient is zero on random inputs: the graph cannot explain anything (zero-initialized head?)")
-    return {"tolerance": tol, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in parity_cases(num_outputs, input_size, cosine=cosine)]}
+    return {"tolerance": tol, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in cases]}
 
 
 def check_head(graph: Path, reference: Callable[..., torch.Tensor], names: Sequence[str], example: Sequence[torch.Tensor]) -> None:

@@ -150,19 +150,26 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> torch.Tensor:
+def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
+                           region: torch.Tensor) -> torch.Tensor:
     """A segmentation model's spatial cotangent ``[N, K, H, W]`` from ``[N, K]`` class weights.
 
-    pytorch-grad-cam's ``SemanticSegmentationTarget`` with the predicted mask: the target of
-    class ``k`` is ``sum over the pixels predicted as k of out[k]``, so the cotangent is the
-    row's weight of ``k`` on those pixels. Ranked rows pick the class of that rank by
-    predicted area (rank 0 = the class covering most pixels).
+    pytorch-grad-cam's ``SemanticSegmentationTarget``: the target of class ``k`` is ``sum
+    over a mask of out[k]``, so the cotangent is the row's weight of ``k`` on the mask. The
+    mask is the pixels predicted as ``k`` where the row's ``region [1, H, W]`` is negative
+    (the common case: -1 everywhere), else ``region`` itself (a client's mask or box, the
+    same for every class). Ranked rows pick the class of that rank by predicted area (rank
+    0 = the class covering most pixels); client-mask rows have no predicted pixels, so they
+    name their classes.
     """
     k = logits.shape[1]
     predicted = logits.detach().argmax(dim=1, keepdim=True)
+    client = region[:, :, :1, :1] >= 0  # [N, 1, 1, 1]
+    predicted = predicted + client.to(predicted.dtype) * k  # client rows: no class matches
     mask = (predicted == torch.arange(k, device=logits.device).view(1, k, 1, 1)).to(logits.dtype)
     weights = select_cotangent(mask.sum(dim=(2, 3)), cotangent, target_rank)
-    return weights[:, :, None, None] * mask
+    # (a broadcast Where is 5x slower than Mul in ONNX Runtime)
+    return weights[:, :, None, None] * (mask + region.clamp(min=0.0))
 
 
 def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False, segmentation: bool = False):
@@ -170,7 +177,7 @@ def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool =
     similarity mode of embedding models; ``segmentation``: spatial, over the predicted
     masks), input-free backward."""
 
-    def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor):
+    def joint_with(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor, region: torch.Tensor | None):
         store: list[torch.Tensor] = []
         with torch.enable_grad():
             with leaf_hooks(layers, store):
@@ -181,15 +188,27 @@ def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool =
             if len(store) != len(layers):
                 raise RuntimeError(f"expected each target layer to run once, saw {len(store)} outputs for {len(layers)} layers")
             if segmentation:
-                cot = segmentation_cotangent(logits, cotangent, target_rank)
+                if region is None:
+                    region = torch.full((image.shape[0], 1, *logits.shape[2:]), -1.0, dtype=logits.dtype)
+                cot = segmentation_cotangent(logits, cotangent, target_rank, region)
             else:
                 cot = select_cotangent(logits, cotangent, target_rank, cosine)
-            grads = torch.autograd.grad((logits * cot).sum(), store, allow_unused=True)
+            # the cotangent is the logits' gradient as given (not the gradient of
+            # (logits * cot).sum(): that traces a ones Expand and a Mul at the logits' size,
+            # two passes over [N, K, H, W] for segmentation)
+            grads = torch.autograd.grad(logits, store, grad_outputs=cot.detach(), allow_unused=True)
         outs: list[torch.Tensor] = [logits.detach()]
         for act, grad in zip(store, grads):
             outs += [act.detach(), torch.zeros_like(act) if grad is None else grad]
         return tuple(outs)
 
+    # the traced signature is the graph's inputs: a region input for segmentation only
+    if segmentation:
+        def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor, region: torch.Tensor):
+            return joint_with(image, cotangent, target_rank, region)
+    else:
+        def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor):
+            return joint_with(image, cotangent, target_rank, None)
     return joint
 
 

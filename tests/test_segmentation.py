@@ -63,6 +63,34 @@ def test_predicted_mask_target_matches_the_oracle(deeplab):
     assert np.abs(np.concatenate(explicit.cams["gradcam"]) - ref).max() <= TOL
 
 
+def test_client_mask_target_matches_the_oracle(deeplab):
+    """``regions``: the oracle's SemanticSegmentationTarget with the client's mask (a box, a
+    soft mask) instead of the predicted one; rows with -1 keep the predicted mask."""
+    session, model = deeplab
+    assert session.has_region
+    images = _images(3, seed=4)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images)).argmax(1).numpy()
+    box = np.zeros((64, 64), np.float32)
+    box[10:40, 20:50] = 1.0
+    soft = np.random.default_rng(5).random((64, 64)).astype(np.float32)
+    regions = np.stack([box, -np.ones((64, 64), np.float32), soft])
+    classes = [3, int(np.bincount(predicted[1].ravel()).argmax()), 7]
+    out = explain(session, images, [[c] for c in classes], ["gradcam", "hirescam"], regions=regions)
+    masks = [box, (predicted[1] == classes[1]).astype(np.float32), soft]
+    layer = model.model.backbone["16"]
+    for method, cls in (("gradcam", pgc.GradCAM), ("hirescam", pgc.HiResCAM)):
+        with cls(model, [layer]) as cam:
+            ref = cam(torch.from_numpy(images), targets=[SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)])
+        assert np.abs(np.concatenate(out.cams[method]) - ref).max() <= TOL, method
+    with pytest.raises(InputError, match="must name classes"):
+        explain(session, images, [TopK(1)] * 3, ["gradcam"], regions=regions)
+    with pytest.raises(InputError, match="aug_smooth"):
+        explain(session, images, [[1]] * 3, ["gradcam"], regions=regions, aug_smooth=True)
+    with pytest.raises(InputError, match=r"regions must have shape \[3, 64, 64\]"):
+        explain(session, images, [[1]] * 3, ["gradcam"], regions=regions[:, :32])
+
+
 def test_segmentation_refuses_what_it_cannot_explain(deeplab):
     session, _ = deeplab
     images = _images(1, seed=2)
@@ -70,3 +98,33 @@ def test_segmentation_refuses_what_it_cannot_explain(deeplab):
         explain(session, images, [[0]], ["scorecam"])
     with pytest.raises(InputError, match="score=softmax"):
         explain(session, images, [[0]], ["gradcam"], score="softmax")
+
+
+def test_class_cam_peaks_inside_the_shape_of_a_trained_segmenter(tmp_path):
+    """A per-pixel head trained in seconds on the shapes classifier's backbone: the CAM of the
+    shape's class over its predicted pixels peaks inside the shape's box (measured on 100
+    held-out images: GradCAM 98%, GradCAM++ 100%, LayerCAM 100%; the top-1 class by area is
+    the background, whose map peaks off the shape)."""
+    from _shapes_fixture import trained_shapes
+    from camserve.demo import segmenter, shapes
+    from camserve.export import export_model
+    from camserve.pipeline.render import summarize
+
+    model, info = trained_shapes()
+    seg = segmenter.build_segmenter(model, info.mean, info.std)
+    iou = segmenter.train_head(seg, info)
+    assert iou >= 0.6, f"segmenter head: held-out shape-mask IoU {iou:.2f}"
+    export_model(seg, ["backbone"], tmp_path, input_size=info.input_size, labels=segmenter.LABELS, model_name="shapes-seg",
+                 kind="segmentation", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    session = GraphSession(tmp_path, intra_op_threads=2)
+    data = shapes.make_shapes(100, shapes.HELDOUT_SEED_OFFSET + 9, info.input_size)
+    images = data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    b = data.boxes
+    out = explain(session, images, [[int(c) + 1] for c in data.shapes], ["gradcam", "gradcam++", "layercam"])
+    for method, cams in out.cams.items():
+        x, y = summarize(np.concatenate(cams)).peak.T
+        hits = (b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])
+        assert hits.mean() >= 0.9, f"{method}: peak inside the shape's box on {hits.mean():.0%} of 100 images"
+    background = explain(session, images, [[0]] * 100, ["gradcam"]).cams["gradcam"]
+    x, y = summarize(np.concatenate(background)).peak.T
+    assert ((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])).mean() < 0.5

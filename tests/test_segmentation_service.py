@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from _server_fixture import INPUT, png_bytes, sample_image
+from _server_fixture import INPUT, array_of, png_bytes, sample_image
 from camserve.pipeline import imageio
 from camserve.pipeline.render import decode_image
 from camserve.pipeline.request import Request
@@ -77,6 +78,79 @@ def test_bad_asks_are_400s(export, params, needle):
     assert status == 400 and needle in body["error"]["message"], body
 
 
+def _mask_png(shape: tuple[int, int], box: tuple[int, int, int, int]) -> bytes:
+    mask = np.zeros((*shape, 3), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0 : y1 + 1, x0 : x1 + 1] = 255
+    return png_bytes(mask)
+
+
+def test_client_box_and_mask_are_the_pixels_explained(export):
+    """``box=`` and a ``mask`` part (the sent image's pixels) feed the graph's region input:
+    the same map as ``explain(..., regions=)`` on the mask resized like the image."""
+    from camserve.cam import explain
+
+    session = GraphSession(export, intra_op_threads=1)
+    service = Service(session)
+    image = sample_image(3)  # 48 x 40 (h x w); the model takes INPUT x INPUT
+    status, body = ask(service, "target=2&box=4,6,30,25&methods=gradcam&output=array")
+    assert status == 200, body
+    [exp] = body["images"][0]["explanations"]
+    assert exp["target"]["index"] == 2 and exp["target"]["mask"] == "box"
+    m = session.manifest
+    x = imageio.preprocess([image], m.input_size, m.mean, m.std, m.channel_order)
+    full = np.zeros(image.shape[:2], np.uint8)
+    full[6:26, 4:31] = 255
+    shrink = image.shape[0] > m.input_size[0] and image.shape[1] > m.input_size[1]  # as the image is resized
+    region = cv2.resize(full, tuple(m.input_size)[::-1], interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    region = region.astype(np.float32) / 255.0
+    direct = explain(session, x, [[2]], ["gradcam"], regions=region[None]).cams["gradcam"][0]
+    np.testing.assert_allclose(array_of(exp), direct[0], atol=1e-3)
+    predicted = explain(session, x, [[2]], ["gradcam"]).cams["gradcam"][0]
+    assert np.abs(direct - predicted).max() > 0.05  # the box is not the predicted mask
+    # the same box as a mask part
+    parts = {"image": png_bytes(image), "mask": _mask_png(image.shape[:2], (4, 6, 30, 25))}
+    response = service.handle([Request(parts, "m", explain_route=True, header_params="target=2&methods=gradcam&output=array")])[0]
+    masked = json.loads(response.body)
+    assert response.status == 200, masked
+    [exp_mask] = masked["images"][0]["explanations"]
+    assert exp_mask["target"]["mask"] == "mask" and exp_mask["array"] == exp["array"]
+    _, predicted_body = ask(service, "target=2&methods=gradcam&output=summary")
+    assert predicted_body["images"][0]["explanations"][0]["target"]["mask"] == "predicted"
+
+
+@pytest.mark.parametrize("params, mask, needle", [
+    ("box=4,6,30,25", None, "name the classes"),
+    ("target=1&box=4,6,40,25", None, "outside image"),
+    ("target=1&box=9,6,3,25", None, "x0 <= x1"),
+    ("target=1&box=1,2,3", None, "four integers"),
+    ("target=1&box=1,2,3,4&aug_smooth=true", None, "aug_smooth"),
+    ("target=1&box=1,2,3,4", (1, 1, 5, 5), "not both"),
+    ("target=1", "wrong size", "send a mask of the image's size"),
+    ("target=1", "empty", "no non-zero pixel"),
+])
+def test_bad_client_masks_are_400s(export, params, mask, needle):
+    service = Service(GraphSession(export, intra_op_threads=1))
+    fields = {"image": png_bytes(sample_image(3))}
+    if mask == "wrong size":
+        fields["mask"] = _mask_png((20, 20), (1, 1, 5, 5))
+    elif mask == "empty":
+        fields["mask"] = png_bytes(np.zeros((48, 40, 3), np.uint8))
+    elif mask is not None:
+        fields["mask"] = _mask_png((48, 40), mask)
+    response = service.handle([Request(fields, "r", explain_route=True, header_params=params)])[0]
+    body = json.loads(response.body)
+    assert response.status == 400 and needle in body["error"]["message"], body
+
+
+def test_client_mask_on_a_classifier_is_a_400(tmp_path):
+    from _server_fixture import tiny_export
+
+    service = Service(GraphSession(tiny_export(tmp_path), intra_op_threads=1))
+    status, body = ask(service, "target=1&box=1,1,5,5")
+    assert status == 400 and "applies to segmentation models" in body["error"]["message"], body
+
+
 @pytest.mark.server
 def test_served_on_torchserve(export, tmp_path):
     from _server_fixture import http
@@ -92,7 +166,8 @@ def test_served_on_torchserve(export, tmp_path):
     instance = start(config, run_dir=tmp_path / "run", model_store=store)
     try:
         local = Service(GraphSession(export, intra_op_threads=1))
-        for params in ("target=1,2&output=summary", "target=top1&methods=layercam&output=summary", "metrics=road"):
+        for params in ("target=1,2&output=summary", "target=top1&methods=layercam&output=summary", "metrics=road",
+                       "target=2&box=4,6,30,25&output=summary,array"):
             status, _, body = http("POST", f"{instance.inference_url}/explanations/seg", png_bytes(sample_image(5)),
                                    {"Content-Type": "image/png", "X-Camserve-Params": params,
                                     "Authorization": f"Bearer {instance.key('inference')}"})

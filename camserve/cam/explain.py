@@ -116,10 +116,14 @@ class _Runs:
         fn = getattr(self.session, "forward_logits", None) or self.session.logits
         return self.call(fn, self.images)
 
-    def targets(self, rows: Rows, num_classes: int) -> GraphOutputs:
+    def targets(self, rows: Rows, num_classes: int, regions: np.ndarray | None = None) -> GraphOutputs:
         """One run with a gradient per row: one-hot cotangents for explicit classes, the
-        graph's ``target_rank`` input for ranked ones (every exported graph has it)."""
-        return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank)
+        graph's ``target_rank`` input for ranked ones (every exported graph has it);
+        ``regions [N, H, W]`` per image: a segmentation graph's client masks."""
+        if regions is None:
+            return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank)
+        return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank,
+                         region=regions[rows.image])
 
 
 def explain(
@@ -133,6 +137,7 @@ def explain(
     components: int = DEFAULT_COMPONENTS,
     score: str = "logit",
     concepts: np.ndarray | None = None,
+    regions: np.ndarray | None = None,
 ) -> Explanation:
     """CAMs of ``images`` (preprocessed float32 ``[N, 3, H, W]``) for ``targets`` with ``methods``.
 
@@ -144,6 +149,9 @@ def explain(
     sigmoid head (``manifest.binary``) always explains ``binary`` categories 0 / 1. An
     embedding model (``manifest.embedding``) explains the cosine similarity to
     ``concepts[c]`` (``[C, D]``; targets are concept indices; :mod:`camserve.concepts`).
+    A segmentation model explains a class's output over its predicted pixels, or over
+    ``regions[i]`` (``[N, H, W]``, a client's mask per image, weights >= 0; a negative row:
+    the predicted pixels), whose targets must name classes.
     Raises InputError naming a bad method, target or shape.
     """
     start = time.perf_counter()
@@ -178,6 +186,8 @@ def explain(
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
     rows = expand_targets(targets, n, len(concepts) if embedding else 2 if binary else k)
+    if regions is not None:
+        regions = _check_regions(regions, rows, segmentation, aug_smooth, size)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
     if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
@@ -206,7 +216,7 @@ def explain(
         out = runs.call(session.run, runs.images[all_rows.image], cotangent)
         acts_u = [a[first] for a in out.activations]
     elif any(s.main_gradients for s in specs):
-        out = runs.targets(all_rows, k)
+        out = runs.targets(all_rows, k, regions)
         logits_u = out.logits[first]
         acts_u = [a[first] for a in out.activations]
     elif all(s.extra for s in specs):
@@ -268,6 +278,23 @@ def explain(
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
+
+
+def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:
+    """Client masks, checked: a segmentation model's, one per image at the input size, with
+    named classes (a client mask has no predicted area to rank by) and no augmentation."""
+    regions = np.asarray(regions, dtype=np.float32)
+    if not segmentation:
+        raise InputError("regions (client masks) apply to segmentation models only")
+    n = int(rows.image.max(initial=-1)) + 1
+    if regions.ndim != 3 or regions.shape[1:] != size or len(regions) < n:
+        raise InputError(f"regions must have shape [{n}, {size[0]}, {size[1]}], got {list(regions.shape)}")
+    client = regions.reshape(len(regions), -1)[:, 0] >= 0
+    if (client[rows.image] & (rows.rank >= 0)).any():
+        raise InputError("a client mask's targets must name classes (top-k ranks by predicted area, which a client mask has not)")
+    if aug_smooth and client.any():
+        raise InputError("aug_smooth is not defined with a client mask (the mask would move with the augmentation)")
+    return regions
 
 
 def class_areas(maps: np.ndarray) -> np.ndarray:

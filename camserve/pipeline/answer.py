@@ -49,6 +49,10 @@ class Answers:
                     "width": int(labels.shape[1]), "height": int(labels.shape[0])}
             if params.explain:
                 entry["explanations"] = self._explanations(rgb, probs[i], result, i, params)
+                if getattr(self.manifest, "segmentation", False):  # the pixels each class was explained over
+                    over = "box" if params.box is not None else "mask" if item.regions is not None else "predicted"
+                    for e in entry["explanations"]:
+                        e["target"]["mask"] = over
             images.append(entry)
         return {"images": images}
 

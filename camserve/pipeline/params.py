@@ -36,6 +36,9 @@ threshold      number in (0, 1): sigmoid heads list   the manifest's
                scoring at least this
 concept        embedding models: comma list of        none (or a multipart
                registered concept names               part ``concept_image``)
+box            segmentation models: ``x0,y0,x1,y1``,  the predicted mask (or a
+               the pixels (inclusive, sent-image      multipart part ``mask``;
+               pixels) a class is explained over      :mod:`.segmentation`)
 =============  =====================================  =======================================
 
 On ``/predictions`` a request is explained when ``explain`` is true or any of ``methods``,
@@ -54,7 +57,7 @@ from typing import Any, Iterable, Mapping
 from camserve.errors import InputError
 
 PARAM_NAMES = ("methods", "target", "topk", "output", "aug_smooth", "eigen_smooth", "explain", "components", "metrics",
-               "score", "threshold", "concept")
+               "score", "threshold", "concept", "box")
 SCORES = ("logit", "softmax", "binary")
 JSON_FIELDS = ("params", "parameters")
 OUTPUTS = ("png", "overlay", "array", "summary", "none")
@@ -103,6 +106,7 @@ class RequestParams:
     score: str = "logit"
     threshold: float | None = None
     concepts: tuple[str, ...] = ()
+    box: tuple[int, int, int, int] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -216,6 +220,18 @@ def _threshold(value: Any) -> float:
     return number
 
 
+def _box(value: Any) -> tuple[int, int, int, int]:
+    """``x0,y0,x1,y1`` (or a list of four): non-negative integers, corners inclusive."""
+    parts = as_text("box", value).split(",")  # (not _names: it drops repeated values)
+    try:
+        x0, y0, x1, y1 = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise BadParameter(f"parameter box={as_text('box', value)!r} must be four integers x0,y0,x1,y1") from None
+    if min(x0, y0) < 0 or x1 < x0 or y1 < y0:
+        raise BadParameter(f"parameter box={x0},{y0},{x1},{y1} must have 0 <= x0 <= x1 and 0 <= y0 <= y1")
+    return x0, y0, x1, y1
+
+
 def _metrics(value: Any) -> tuple[str, ...]:
     from camserve.faithfulness import parse_metrics
 
@@ -292,7 +308,8 @@ def parse_params(
         if key not in PARAM_NAMES:
             raise UnknownParameter(f"unknown parameter {key!r} (known: {', '.join(PARAM_NAMES)})")
     known = tuple(known_methods)
-    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics", "score", "concept"))
+    asks = any(k in raw for k in ("methods", "target", "topk", "aug_smooth", "eigen_smooth", "components", "metrics", "score", "concept",
+                                  "box"))
     threshold = _threshold(raw["threshold"]) if "threshold" in raw else None
     output = _names("output", raw["output"]) if "output" in raw else None
     for form in output or ():
@@ -329,6 +346,7 @@ def parse_params(
         score=_score(raw["score"]) if "score" in raw else "logit",
         threshold=threshold,
         concepts=_names("concept", raw["concept"]) if "concept" in raw else (),
+        box=_box(raw["box"]) if "box" in raw else None,
     )
     if params.metrics and "dff" in methods:
         raise BadParameter("parameter metrics is not defined for method dff (a concept map has no target class to score)")

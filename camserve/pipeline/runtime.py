@@ -105,6 +105,8 @@ class GraphSession:
         self.options = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
         self._layer_count = len(self.manifest.target_layers)
+        #: segmentation graphs exported since client masks: a ``region [N, 1, H, W]`` input
+        self.has_region = "region" in {i.name for i in self.session.get_inputs()}
         self._head: ort.InferenceSession | None = None
         #: Extra graphs (``camserve export --extras``), loaded now: the export opted in, and a
         #: first request should not pay for loading them.
@@ -156,6 +158,7 @@ class GraphSession:
         images: np.ndarray,
         cotangent: np.ndarray | None = None,
         target_rank: np.ndarray | None = None,
+        region: np.ndarray | None = None,
     ) -> GraphOutputs:
         """Run the graph once for a batch.
 
@@ -163,14 +166,22 @@ class GraphSession:
         ``target_rank`` [N] int64: where ``>= 0`` the row's cotangent is replaced by the
         one-hot vector of the logit of that rank (0 = top-1), so top-k explanations need
         no separate forward pass; ``None`` means -1 for every row (cotangent as given).
+        ``region`` [N, H, W] (segmentation): a row's mask of the pixels whose outputs are
+        explained, or -1 for the pixels predicted as each class (``None``: -1 everywhere).
         """
-        feeds = self._feeds(images, cotangent, target_rank)
+        feeds = self._feeds(images, cotangent, target_rank, region)
         out = self.session.run(None, feeds)
         m = self._layer_count
         return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
 
-    def _feeds(self, images: np.ndarray, cotangent: np.ndarray | None, target_rank: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _feeds(self, images: np.ndarray, cotangent: np.ndarray | None, target_rank: np.ndarray | None,
+               region: np.ndarray | None = None) -> dict[str, np.ndarray]:
         images = self.check_images(images)
+        extra: dict[str, np.ndarray] = {}
+        if self.has_region:
+            extra["region"] = self.check_region(region, images)
+        elif region is not None:
+            raise ManifestError("this segmentation export takes no client mask: re-export it with this camserve version")
         n, k = images.shape[0], self.manifest.num_outputs
         if cotangent is None:
             cotangent = np.zeros((n, k), dtype=np.float32)
@@ -185,7 +196,18 @@ class GraphSession:
             "image": images,
             "cotangent": np.ascontiguousarray(cotangent, dtype=np.float32),
             "target_rank": target_rank,
+            **extra,
         }
+
+    def check_region(self, region: np.ndarray | None, images: np.ndarray) -> np.ndarray:
+        """The ``region`` feed ``[N, 1, H, W]`` float32 (see :meth:`run`)."""
+        n, _, h, w = images.shape
+        if region is None:
+            return np.full((n, 1, h, w), -1.0, dtype=np.float32)
+        region = np.asarray(region, dtype=np.float32)
+        if region.shape != (n, h, w):
+            raise InputError(f"region must have shape [{n}, {h}, {w}], got {list(region.shape)}")
+        return np.ascontiguousarray(region[:, None])
 
     def run_extra(self, name: str, images: np.ndarray, cotangent: np.ndarray | None = None,
                   target_rank: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from camserve import heads
 from camserve.concepts import load as load_concepts
-from camserve.pipeline import detection, embedding, imageio
+from camserve.pipeline import detection, embedding, imageio, segmentation
 from camserve.config import Limits
 from camserve.errors import CamserveError
 from camserve.pipeline.metrics import Recorder
@@ -66,6 +66,8 @@ class _Item:
     #: embedding models: the decoded ``concept`` part and its SHA-256 (:mod:`.embedding`)
     concept_image: np.ndarray | None = None
     concept_sha256: str = ""
+    #: segmentation models: the client mask per image at the input size (:mod:`.segmentation`)
+    regions: np.ndarray | None = None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -124,6 +126,7 @@ class Service(Answers):
             raise BodyTooLarge(f"the request carries {size} bytes, more than the limit of {self.limits.max_body_bytes}")
         parts, query, json_field = item.request.parts()
         parts, concept_bytes = embedding.split_parts(parts)
+        parts, mask_bytes = segmentation.split_parts(parts)
         try:
             raw = merge_sources(merge_sources(query, header_source(item.request.header_params)), json_field)
             item.params = parse_params(
@@ -141,6 +144,8 @@ class Service(Answers):
             raise BadParameter(f"the parameters cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})") from None
         self._check_head_params(item.params)
         embedding.check(item.params, self.manifest, self.concepts, concept_bytes is not None, self.name)
+        segmentation.check(item.params, self.manifest, mask_bytes is not None, self.name,
+                           bool(getattr(self.session, "has_region", False)))
         if concept_bytes is not None and item.params.explain:
             try:
                 item.concept_image = imageio.decode(concept_bytes, self.limits.max_pixels)
@@ -162,6 +167,15 @@ class Service(Answers):
                 raise type(exc)(f"image {name!r}: {exc}") from None
             item.names.append(name)
             item.sha256.append(hashlib.sha256(data).hexdigest())
+        if item.params.explain:  # a segmentation request's client mask, at the model's input size
+            mask = None
+            if mask_bytes is not None:
+                try:
+                    mask = imageio.decode(mask_bytes, self.limits.max_pixels)
+                except CamserveError as exc:
+                    raise type(exc)(f"mask: {exc}") from None
+            item.regions = segmentation.regions(item.params, mask, list(zip(item.names, item.images)),
+                                                tuple(self.manifest.input_size))
         item.preprocess_s = time.perf_counter() - start
         if item.params.explain and item.params.metrics:
             maps = len(item.images) * item.params.n_targets * len(item.params.methods)
@@ -241,6 +255,10 @@ class Service(Answers):
                         extra["concepts"], concept_labels = embedding.vectors(self.session, self.concepts, names,
                                                                               members[0].concept_image)
                         targets = [list(range(len(concept_labels)))] * len(index)
+                    if any(m.regions is not None for m in members):  # -1: the predicted mask
+                        size = tuple(self.manifest.input_size)
+                        extra["regions"] = np.concatenate([m.regions if m.regions is not None else
+                                                           np.full((len(m.images), *size), -1.0, np.float32) for m in members])
                     exp = self.explain(self.session, images, targets, list(methods), eigen_smooth=eigen, aug_smooth=aug, **extra)
                     total = time.perf_counter() - start
                     timings = _split_timings(exp.timings, total)
