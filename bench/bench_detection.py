@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
+from _alternate import medians  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SIZE = 320
@@ -93,20 +92,13 @@ def main() -> int:
 
         calls = {"forward (boxes, scores, labels)": run_forward, "detection graph (+ maps)": lambda: session.run(images),
                  "explain (graph + EigenCAM + boxes)": run_explain}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for fn in calls.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        med = medians(calls, args.repeats)
         kept = sum(len(k) for k in state["out"].kept)
-        base = statistics.median(times["forward (boxes, scores, labels)"])
-        for name, values in times.items():
-            med = statistics.median(values)
-            rows.append((batch, name, med * 1000, med / base, kept))
-            print(f"batch {batch} {name:36s} {med * 1000:8.1f} ms  {med / base:5.2f}x forward ({kept} boxes)", file=sys.stderr)
+        base = med["forward (boxes, scores, labels)"]
+        for name, seconds in med.items():
+            rows.append((batch, name, seconds * 1000, seconds / base, kept))
+            print(f"batch {batch} {name:36s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward ({kept} boxes)",
+                  file=sys.stderr)
     print(f"\nfasterrcnn_mobilenet_v3_large_320_fpn, {SIZE} px, {args.threads} threads, median of {args.repeats} "
           "alternating runs\n")
     print("| batch | run | ms | / forward | boxes explained |\n|---:|---|---:|---:|---:|")

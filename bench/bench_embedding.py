@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
+from _alternate import medians  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -66,19 +65,11 @@ def main() -> int:
             "explain graph": lambda: session.run(images, np.repeat(concepts, batch, axis=0), target_rank=rank),
             "explain + gradcam": lambda: explain(session, images, [[0]] * batch, ["gradcam"], concepts=concepts),
         }
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for fn in calls.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["forward"])
-        for name, values in times.items():
-            med = statistics.median(values)
-            rows.append((batch, name, med * 1000, med / base))
-            print(f"batch {batch} {name:18s} {med * 1000:8.1f} ms  {med / base:5.2f}x forward", file=sys.stderr)
+        med = medians(calls, args.repeats)
+        base = med["forward"]
+        for name, seconds in med.items():
+            rows.append((batch, name, seconds * 1000, seconds / base))
+            print(f"batch {batch} {name:18s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward", file=sys.stderr)
     print(f"\nresnet50 embedding (fc = Identity), {args.size} px, {args.threads} threads, median of {args.repeats} "
           "alternating runs\n")
     print("| batch | run | ms | / forward |\n|---:|---|---:|---:|")

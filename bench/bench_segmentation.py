@@ -3,42 +3,41 @@ summed over its predicted pixels) is built inside the explain graph, so one run 
 masks and the gradients.
 
 deeplabv3_mobilenet_v3_large (random weights, the ``out`` head), exported with ``--kind
-segmentation`` at ``backbone.16``; its explain graph (top-1 class by predicted area,
+segmentation`` at ``--layer`` (default ``backbone.16``); its explain graph (top-1 class by predicted area,
 ``target_rank = 0``) and the export's own forward-only graph (``forward.onnx``) run in ONNX
 Runtime CPU with the same threads, alternating (this machine is shared and noisy); also
 ``camserve.cam.explain`` end to end (graph + GradCAM). Prints median latencies and the ratios
 to the forward.
 
-    python bench/bench_segmentation.py [--batches 1 8] [--threads 2] [--size 224] [--repeats 7]
+    python bench/bench_segmentation.py [--batches 1 8] [--threads 2] [--size 224] [--repeats 7] [--layer L]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
+from _alternate import medians  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
 
-def export(size: int) -> Path:
+def export(size: int, layer: str) -> Path:
     import torch
     import torchvision
 
     from camserve.export import export_model
 
-    out = CACHE / f"deeplabv3-mobilenet-segmentation-{size}"
+    out = CACHE / f"deeplabv3-mobilenet-segmentation-{size}-{layer}"
     if not (out / "manifest.json").exists():
         torch.manual_seed(0)
         model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
-        export_model(model.eval(), ["backbone.16"], out, input_size=size, model_name="deeplabv3", kind="segmentation",
+        export_model(model.eval(), [layer], out, input_size=size, model_name="deeplabv3", kind="segmentation",
                      check=False)
     return out
 
@@ -49,12 +48,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--layer", default="backbone.16",
+                        help="target layer: backbone.16 (the backbone's last block; the backward crosses the ASPP head) "
+                             "or classifier.3 (the head's last ReLU)")
     args = parser.parse_args()
 
     from camserve.cam import TopK, explain
     from camserve.pipeline.runtime import GraphSession
 
-    session = GraphSession(export(args.size), intra_op_threads=args.threads)
+    session = GraphSession(export(args.size, args.layer), intra_op_threads=args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for batch in args.batches:
@@ -65,20 +67,12 @@ def main() -> int:
             "explain graph": lambda: session.run(images, target_rank=rank),
             "explain + gradcam": lambda: explain(session, images, [TopK(1)] * batch, ["gradcam"]),
         }
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for fn in calls.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in calls.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["forward"])
-        for name, values in times.items():
-            med = statistics.median(values)
-            rows.append((batch, name, med * 1000, med / base))
-            print(f"batch {batch} {name:18s} {med * 1000:8.1f} ms  {med / base:5.2f}x forward", file=sys.stderr)
-    print(f"\ndeeplabv3_mobilenet_v3_large segmentation, {args.size} px, {args.threads} threads, median of {args.repeats} "
+        med = medians(calls, args.repeats)
+        base = med["forward"]
+        for name, seconds in med.items():
+            rows.append((batch, name, seconds * 1000, seconds / base))
+            print(f"batch {batch} {name:18s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward", file=sys.stderr)
+    print(f"\ndeeplabv3_mobilenet_v3_large segmentation at {args.layer}, {args.size} px, {args.threads} threads, median of {args.repeats} "
           "alternating runs\n")
     print("| batch | run | ms | / forward |\n|---:|---|---:|---:|")
     for batch, name, ms, ratio in rows:

@@ -245,7 +245,9 @@ def export_model(
             t0 = time.perf_counter()
             figures = parity.check_parity(session, trace.joint_function(model, modules, cosine=kind == "embedding",
                                                                         segmentation=segmentation), outputs,
-                                          num_outputs, size, cosine=kind == "embedding", region=segmentation)
+                                          num_outputs, size, cosine=kind == "embedding", region=segmentation,
+                                          with_predicted=(lambda predicted: trace.joint_function(
+                                              model, modules, segmentation=True, predicted=predicted)) if segmentation else None)
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():

@@ -151,7 +151,7 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
-                           region: torch.Tensor) -> torch.Tensor:
+                           region: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
     """A segmentation model's spatial cotangent ``[N, K, H, W]`` from ``[N, K]`` class weights.
 
     pytorch-grad-cam's ``SemanticSegmentationTarget``: the target of class ``k`` is ``sum
@@ -160,10 +160,12 @@ def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target
     (the common case: -1 everywhere), else ``region`` itself (a client's mask or box, the
     same for every class). Ranked rows pick the class of that rank by predicted area (rank
     0 = the class covering most pixels); client-mask rows have no predicted pixels, so they
-    name their classes.
+    name their classes. ``predicted`` ``[N, 1, H, W]`` replaces the argmax (the parity check
+    gives PyTorch ONNX Runtime's argmax where float rounding breaks a tie differently).
     """
     k = logits.shape[1]
-    predicted = logits.detach().argmax(dim=1, keepdim=True)
+    if predicted is None:
+        predicted = logits.detach().argmax(dim=1, keepdim=True)
     client = region[:, :, :1, :1] >= 0  # [N, 1, 1, 1]
     predicted = predicted + client.to(predicted.dtype) * k  # client rows: no class matches
     mask = (predicted == torch.arange(k, device=logits.device).view(1, k, 1, 1)).to(logits.dtype)
@@ -172,10 +174,11 @@ def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target
     return weights[:, :, None, None] * (mask + region.clamp(min=0.0))
 
 
-def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False, segmentation: bool = False):
+def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False, segmentation: bool = False,
+                   predicted: torch.Tensor | None = None):
     """The function that is traced: forward, cotangent selection (``cosine``: with the
     similarity mode of embedding models; ``segmentation``: spatial, over the predicted
-    masks), input-free backward."""
+    masks, or ``predicted`` ones: see :func:`segmentation_cotangent`), input-free backward."""
 
     def joint_with(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor, region: torch.Tensor | None):
         store: list[torch.Tensor] = []
@@ -190,7 +193,7 @@ def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool =
             if segmentation:
                 if region is None:
                     region = torch.full((image.shape[0], 1, *logits.shape[2:]), -1.0, dtype=logits.dtype)
-                cot = segmentation_cotangent(logits, cotangent, target_rank, region)
+                cot = segmentation_cotangent(logits, cotangent, target_rank, region, predicted)
             else:
                 cot = select_cotangent(logits, cotangent, target_rank, cosine)
             # the cotangent is the logits' gradient as given (not the gradient of

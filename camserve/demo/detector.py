@@ -30,7 +30,7 @@ BACKBONE_END = 10
 LABELS: tuple[str, ...] = ("__background__",) + shapes.CLASSES
 
 
-def build_detector(classifier: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+def build_detector(classifier: Any, mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0) -> Any:
     """A :class:`ShapesDetector` around a trained shapes classifier (untrained box head)."""
     import torch
     from torch import nn
@@ -67,7 +67,9 @@ def build_detector(classifier: Any, mean: tuple[float, ...], std: tuple[float, .
             return [{"boxes": boxes[i : i + 1], "scores": scores[i : i + 1], "labels": classes[i : i + 1] + 1}
                     for i in range(x.shape[0])]
 
-    return ShapesDetector().eval()
+    with torch.random.fork_rng():  # the head's initial weights: the same whatever ran before
+        torch.manual_seed(seed)
+        return ShapesDetector().eval()
 
 
 def train_box_head(detector: Any, info: shapes.ShapesModelInfo, steps: int = 300, seed: int = 0,
@@ -76,38 +78,21 @@ def train_box_head(detector: Any, info: shapes.ShapesModelInfo, steps: int = 300
     of the predicted and true boxes on 200 held-out images."""
     import torch
 
-    torch.manual_seed(seed)
+    from camserve.demo.frozen import pixels, train_head
+
     size = info.input_size
     data = shapes.make_shapes(3000, seed + 17, size)
-    x_all = torch.from_numpy(data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    x_all = pixels(data.images)
     # boxes as the pixel spans the shapes cover: [x0, x1 + 1)
     y_all = torch.from_numpy(data.boxes.astype(np.float32) + np.array([0, 0, 1, 1], np.float32))
-    params = list(detector.centre.parameters()) + list(detector.size.parameters())
-    for p in detector.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            feats = detector.backbone((x_all - detector.mean) / detector.std)
-        for _ in range(steps):
-            idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
-            loss = (detector.boxes(feats[idx], size, size) - y_all[idx]).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-        for p in detector.parameters():
-            p.requires_grad_(False)
-    detector.eval()
+    with torch.no_grad():
+        feats = detector.backbone((x_all - detector.mean) / detector.std)
+    train_head(detector, list(detector.centre.parameters()) + list(detector.size.parameters()), feats, y_all,
+               lambda f, y: (detector.boxes(f, size, size) - y).abs().mean(), steps=steps, seed=seed,
+               batch_size=batch_size, lr=lr)
     test = shapes.make_shapes(200, seed + shapes.HELDOUT_SEED_OFFSET, size)
     with torch.no_grad():
-        out = detector(list(torch.from_numpy(test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)))
+        out = detector(list(pixels(test.images)))
     pred = torch.cat([o["boxes"] for o in out]).numpy()
     return float(box_iou(pred, test.boxes.astype(np.float32) + np.array([0, 0, 1, 1], np.float32)).mean())
 

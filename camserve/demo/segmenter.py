@@ -29,7 +29,8 @@ def masks(data: shapes.ShapeSet) -> np.ndarray:
     return np.where(on, data.shapes[:, None, None] + 1, 0).astype(np.int64)
 
 
-def build_segmenter(classifier: Any, mean: tuple[float, ...], std: tuple[float, ...], width: int = 16) -> Any:
+def build_segmenter(classifier: Any, mean: tuple[float, ...], std: tuple[float, ...], width: int = 16,
+                    seed: int = 0) -> Any:
     """A segmenter around a trained shapes classifier's backbone (untrained head)."""
     import torch
     from torch import nn
@@ -47,7 +48,9 @@ def build_segmenter(classifier: Any, mean: tuple[float, ...], std: tuple[float, 
             out = self.classifier(self.backbone((x - self.mean) / self.std))
             return {"out": nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
-    return ShapesSegmenter().eval()
+    with torch.random.fork_rng():  # the head's initial weights: the same whatever ran before
+        torch.manual_seed(seed)
+        return ShapesSegmenter().eval()
 
 
 def train_head(segmenter: Any, info: shapes.ShapesModelInfo, steps: int = 300, seed: int = 0,
@@ -56,39 +59,24 @@ def train_head(segmenter: Any, info: shapes.ShapesModelInfo, steps: int = 300, s
     IoU of the predicted and true shape masks over 200 images."""
     import torch
 
-    torch.manual_seed(seed)
+    from camserve.demo.frozen import pixels, train_head
+
     size = info.input_size
     data = shapes.make_shapes(2000, seed + 29, size)
-    x_all = torch.from_numpy(data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
-    y_all = torch.from_numpy(masks(data))
-    for p in segmenter.parameters():
-        p.requires_grad_(False)
-    params = list(segmenter.classifier.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            feats = segmenter.backbone((x_all - segmenter.mean) / segmenter.std)
-        for _ in range(steps):
-            idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
-            logits = torch.nn.functional.interpolate(segmenter.classifier(feats[idx]), size=(size, size),
-                                                     mode="bilinear", align_corners=False)
-            loss = torch.nn.functional.cross_entropy(logits, y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-        for p in segmenter.parameters():
-            p.requires_grad_(False)
-    segmenter.eval()
+    x_all = pixels(data.images)
+    with torch.no_grad():
+        feats = segmenter.backbone((x_all - segmenter.mean) / segmenter.std)
+
+    def loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.interpolate(segmenter.classifier(f), size=(size, size), mode="bilinear",
+                                                 align_corners=False)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    train_head(segmenter, list(segmenter.classifier.parameters()), feats, torch.from_numpy(masks(data)), loss,
+               steps=steps, seed=seed, batch_size=batch_size, lr=lr)
     test = shapes.make_shapes(200, seed + shapes.HELDOUT_SEED_OFFSET, size)
     with torch.no_grad():
-        pred = segmenter(torch.from_numpy(test.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0))["out"].argmax(1).numpy()
+        pred = segmenter(pixels(test.images))["out"].argmax(1).numpy()
     truth = masks(test)
     inter = ((pred == truth) & (truth > 0)).sum(axis=(1, 2))
     union = ((pred > 0) | (truth > 0)).sum(axis=(1, 2))

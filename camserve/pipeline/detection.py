@@ -29,7 +29,7 @@ import numpy as np
 from camserve.cam.projection import first_component
 from camserve.cam.scaling import EPS, combine_layers, minmax
 from camserve.errors import InputError, ManifestError
-from camserve.manifest import Manifest, sha256_file
+from camserve.manifest import Manifest
 from camserve.pipeline.params import Target
 
 #: The method detection is explained by (gradient-free: the graph has no backward).
@@ -52,17 +52,13 @@ class DetectionSession:
 
     def __init__(self, directory: str | Path, *, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, verify_hash: bool = True) -> None:
-        from camserve.pipeline.runtime import default_providers, ort, session_options
+        from camserve.pipeline.runtime import checked_graph, default_providers, ort, session_options
 
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         if not self.manifest.detection:
             raise ManifestError(f"{self.directory} holds a {self.manifest.kind} export, not a detector")
-        graph = self.directory / self.manifest.graph_file
-        if not graph.is_file():
-            raise ManifestError(f"graph file {graph} named by the manifest does not exist")
-        if verify_hash and self.manifest.graph_sha256 and sha256_file(graph) != self.manifest.graph_sha256:
-            raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
+        graph = checked_graph(self.directory, self.manifest, verify_hash)
         self.providers = providers or default_providers()
         self.options = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)

@@ -96,11 +96,7 @@ class GraphSession:
     ) -> None:
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
-        graph = self.directory / self.manifest.graph_file
-        if not graph.is_file():
-            raise ManifestError(f"graph file {graph} named by the manifest does not exist")
-        if verify_hash and self.manifest.graph_sha256 and sha256_file(graph) != self.manifest.graph_sha256:
-            raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
+        graph = checked_graph(self.directory, self.manifest, verify_hash)
         self.providers = providers or default_providers()
         self.options = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
@@ -234,6 +230,16 @@ class GraphSession:
                 raise InputError("this head graph needs the images (one per activation row) as well")
             feeds["image"] = self.check_images(images)
         return self.head.run(["logits"], feeds)[0]
+
+
+def checked_graph(directory: Path, manifest: Manifest, verify_hash: bool) -> Path:
+    """The manifest's graph file in ``directory``, present and (``verify_hash``) unchanged."""
+    graph = directory / manifest.graph_file
+    if not graph.is_file():
+        raise ManifestError(f"graph file {graph} named by the manifest does not exist")
+    if verify_hash and manifest.graph_sha256 and sha256_file(graph) != manifest.graph_sha256:
+        raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
+    return graph
 
 
 def open_session(directory: str | Path, **kwargs) -> GraphSession:
