@@ -20,3 +20,17 @@ def medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def ratio_table(title: str, runs: dict[int, dict[str, float]], base: str = "forward") -> str:
+    """A markdown table of per-batch medians (``runs[batch][name]`` seconds) and their ratio
+    to ``base``, under ``title``; each row is also printed to stderr as it is made."""
+    import sys
+
+    lines = [title, "", "| batch | run | ms | / forward |", "|---:|---|---:|---:|"]
+    for batch, med in runs.items():
+        for name, seconds in med.items():
+            ratio = seconds / med[base]
+            print(f"batch {batch} {name:18s} {seconds * 1000:8.1f} ms  {ratio:5.2f}x {base}", file=sys.stderr)
+            lines.append(f"| {batch} | {name} | {seconds * 1000:.1f} | {ratio:.2f}x |")
+    return "\n".join(lines)

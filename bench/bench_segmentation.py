@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
-from _alternate import medians  # noqa: E402
+from _alternate import medians, ratio_table  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -58,7 +58,7 @@ def main() -> int:
 
     session = GraphSession(export(args.size, args.layer), intra_op_threads=args.threads)
     rng = np.random.default_rng(0)
-    rows = []
+    runs: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         images = rng.standard_normal((batch, 3, args.size, args.size)).astype(np.float32)
         rank = np.zeros(batch, dtype=np.int64)
@@ -67,16 +67,8 @@ def main() -> int:
             "explain graph": lambda: session.run(images, target_rank=rank),
             "explain + gradcam": lambda: explain(session, images, [TopK(1)] * batch, ["gradcam"]),
         }
-        med = medians(calls, args.repeats)
-        base = med["forward"]
-        for name, seconds in med.items():
-            rows.append((batch, name, seconds * 1000, seconds / base))
-            print(f"batch {batch} {name:18s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward", file=sys.stderr)
-    print(f"\ndeeplabv3_mobilenet_v3_large segmentation at {args.layer}, {args.size} px, {args.threads} threads, median of {args.repeats} "
-          "alternating runs\n")
-    print("| batch | run | ms | / forward |\n|---:|---|---:|---:|")
-    for batch, name, ms, ratio in rows:
-        print(f"| {batch} | {name} | {ms:.1f} | {ratio:.2f}x |")
+        runs[batch] = medians(calls, args.repeats)
+    print(ratio_table(f"deeplabv3_mobilenet_v3_large segmentation at {args.layer}, {args.size} px, {args.threads} threads, median of {args.repeats} alternating runs", runs))
     return 0
 
 
