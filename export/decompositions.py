@@ -7,9 +7,12 @@ computes the input gradient with forward ops that ONNX has:
   convolution of the output gradient with the same weight; ``output_padding`` restores
   the input size that strided convolutions lose. For a stride-1 convolution it is also a
   plain convolution with the weight transposed (per group) and flipped in space, padded
-  ``dilation * (k - 1) - padding``: that form is taken, because ONNX Runtime's CPU Conv
-  (NCHWc kernels) is 3-7x faster than its ConvTranspose (deeplabv3's ASPP backward: 42 ms
-  against 6-11 ms per dilated 3x3 at batch 8).
+  ``dilation * (k - 1) - padding``. That form is taken for *dilated* convolutions, where ONNX
+  Runtime's CPU ConvTranspose is 4-7x slower than its Conv (deeplabv3's ASPP backward: 42 ms
+  against 6-11 ms per dilated 3x3 at batch 8). Not for the others: ONNX Runtime folds the
+  flipped weight into a second copy of it, and over a whole network (FullGrad's and Guided
+  Backprop's graphs on resnet50) that raised the load-time RSS from 1.28x / 1.20x the explain
+  graph's to 1.84x / 2.04x for 9% less time.
 - ``_safe_softmax`` (see ``_plain_softmax``).
 - ``_adaptive_avg_pool2d_backward``: each output gradient spread evenly over its pooling
   window, written as two small constant matrices ``P_h^T @ g @ P_w``.
@@ -40,7 +43,8 @@ def _conv_input_grad(grad_output, input, weight, bias_sizes, stride, padding, di
     if transposed:
         # The input gradient of a transposed convolution is a plain convolution.
         grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
-    elif all(st == 1 for st in stride) and all(d * (int(k) - 1) >= p for d, k, p in zip(dilation, weight.shape[2:], padding)):
+    elif (any(d > 1 for d in dilation) and all(st == 1 for st in stride)
+          and all(d * (int(k) - 1) >= p for d, k, p in zip(dilation, weight.shape[2:], padding))):
         grad_input = aten.convolution(grad_output, _flipped_transpose(weight, groups), None, stride,
                                       [d * (int(k) - 1) - p for d, k, p in zip(dilation, weight.shape[2:], padding)],
                                       dilation, False, [0] * len(stride), groups)
