@@ -1,12 +1,19 @@
 """Side-by-side timing for the benchmarks: each call once to warm up, then ``repeats`` rounds
-that run every call in turn (this machine is shared and noisy: alternating keeps the ratios
-fair when the load changes), medians in seconds."""
+that run every call in turn, the order reversed every other round (this machine is shared and
+noisy: alternating keeps the ratios fair when the load changes), medians in seconds."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # as the servers set them (imported before numpy): BLAS threads left spinning after a
+    # method's numpy work slow the graph run that follows (detection at batch 1: 1.24-1.30x
+    # with them, 1.00x run by run alone)
+    os.environ.setdefault(_var, "1")
 
 
 def medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -14,8 +21,9 @@ def medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, f
     times: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in calls.items():
+    items = list(calls.items())
+    for round_ in range(repeats):
+        for name, fn in items if round_ % 2 == 0 else items[::-1]:  # no call always runs first
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from _alternate import medians  # noqa: E402  (first: it sets the BLAS threads)
 import numpy as np  # noqa: E402
-from _alternate import medians  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 SIZE = 320
@@ -71,11 +71,10 @@ def main() -> int:
 
     from camserve.export.detection import _images
     from camserve.pipeline import detection
-    from camserve.pipeline.runtime import session_options
 
     out = export()
     session = detection.DetectionSession(out, intra_op_threads=args.threads)
-    forward = ort.InferenceSession(str(out / session.manifest.forward_graph_file), sess_options=session_options(args.threads),
+    forward = ort.InferenceSession(str(out / session.manifest.forward_graph_file), sess_options=session.options,
                                    providers=["CPUExecutionProvider"])
     rows = []
     for batch in args.batches:

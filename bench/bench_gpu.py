@@ -31,8 +31,8 @@ from typing import Any
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from _alternate import medians  # noqa: E402  (first: it sets the BLAS threads)
 import numpy as np  # noqa: E402
-from _alternate import medians  # noqa: E402
 
 LAYERS = {"resnet50": "layer4.-1", "resnet18": "layer4.-1", "vit_b_16": "encoder.layers.-1.ln_1"}
 #: "cpu" dry-runs this script where no GPU is (the same code paths on the CPU provider)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+from _alternate import medians, ratio_table  # noqa: E402  (first: it sets the BLAS threads)
 import numpy as np  # noqa: E402
-from _alternate import medians, ratio_table  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
