@@ -6,10 +6,12 @@ import it share one export per version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,24 @@ def array_of(entry: dict[str, Any]) -> np.ndarray:
 
 def answer_json(body: bytes) -> dict[str, Any]:
     return json.loads(body)
+
+
+@contextlib.contextmanager
+def serving(exports: dict[str, Path], base: Path) -> Iterator[Any]:
+    """A real TorchServe on free loopback ports serving one archive per ``exports`` entry
+    (name -> export directory; version 1.0, one ONNX thread, no audit), stopped afterwards."""
+    from camserve.config import PORT_FIELDS, load_config
+    from camserve.serving.torchserve.archive import build_archive
+    from camserve.serving.torchserve.server import start, stop
+
+    store = base / "store"
+    store.mkdir()
+    for name, export in exports.items():
+        build_archive(export, name=name, version="1.0", model_store=store)
+    config = load_config(env={}, overrides={"server": {p: 0 for p in PORT_FIELDS}, "runtime": {"ort_threads": 1},
+                                            "audit": {"enabled": False}})
+    instance = start(config, run_dir=base / "run", model_store=store)
+    try:
+        yield instance
+    finally:
+        stop(base / "run")

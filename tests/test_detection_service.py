@@ -108,18 +108,9 @@ def test_bad_asks_are_400s(service, params, needle):
 
 @pytest.mark.server
 def test_served_on_torchserve(export, service, tmp_path):
-    from _server_fixture import http
-    from camserve.config import PORT_FIELDS, load_config
-    from camserve.serving.torchserve.archive import build_archive
-    from camserve.serving.torchserve.server import start, stop
+    from _server_fixture import http, serving
 
-    store = tmp_path / "store"
-    store.mkdir()
-    build_archive(export, name="det", version="1.0", model_store=store)
-    config = load_config(env={}, overrides={"server": {p: 0 for p in PORT_FIELDS}, "runtime": {"ort_threads": 1},
-                                            "audit": {"enabled": False}})
-    instance = start(config, run_dir=tmp_path / "run", model_store=store)
-    try:
+    with serving({"det": export}, tmp_path) as instance:
         image, _ = scene(2)
         for params in ("output=summary,array&threshold=0.01", "target=1,2&output=summary", "methods=gradcam"):
             status, _, body = http("POST", f"{instance.inference_url}/explanations/det", png_bytes(image),
@@ -132,8 +123,6 @@ def test_served_on_torchserve(export, service, tmp_path):
                 assert served["images"] == expected["images"]
             else:
                 assert "gradcam" in served["error"]["message"]
-    finally:
-        stop(tmp_path / "run")
 
 
 @pytest.mark.server

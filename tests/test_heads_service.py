@@ -116,20 +116,9 @@ def test_compare_refuses_sigmoid_heads_naming_the_kind(exports):
 @pytest.mark.server
 def test_served_on_torchserve(exports, tmp_path):
     """One archive per head kind on a real TorchServe: answers equal the in-process pipeline's."""
-    from _server_fixture import http
-    from camserve.config import PORT_FIELDS, load_config
-    from camserve.serving.torchserve.archive import build_archive
-    from camserve.serving.torchserve.server import start, stop
+    from _server_fixture import http, serving
 
-    store = tmp_path / "store"
-    store.mkdir()
-    for name, export in exports.items():
-        build_archive(export, name=name, version="1.0", model_store=store)
-    config = load_config(env={}, overrides={"server": {p: 0 for p in PORT_FIELDS}, "runtime": {"ort_threads": 1},
-                                            "audit": {"enabled": False}})
-    run_dir = tmp_path / "run"
-    instance = start(config, run_dir=run_dir, model_store=store)
-    try:
+    with serving(dict(exports), tmp_path) as instance:
         for name, params in (("multi", "threshold=0.4&target=topk&topk=2&output=summary"),
                              ("binary", "target=0,1&output=summary&score=binary"),
                              ("binary", "target=3")):
@@ -143,5 +132,3 @@ def test_served_on_torchserve(exports, tmp_path):
                 assert served["images"] == local["images"], (name, params)
             else:
                 assert status == 400 and "out of range" in served["error"]["message"]
-    finally:
-        stop(run_dir)

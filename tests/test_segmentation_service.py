@@ -153,18 +153,9 @@ def test_client_mask_on_a_classifier_is_a_400(tmp_path):
 
 @pytest.mark.server
 def test_served_on_torchserve(export, tmp_path):
-    from _server_fixture import http
-    from camserve.config import PORT_FIELDS, load_config
-    from camserve.serving.torchserve.archive import build_archive
-    from camserve.serving.torchserve.server import start, stop
+    from _server_fixture import http, serving
 
-    store = tmp_path / "store"
-    store.mkdir()
-    build_archive(export, name="seg", version="1.0", model_store=store)
-    config = load_config(env={}, overrides={"server": {p: 0 for p in PORT_FIELDS}, "runtime": {"ort_threads": 1},
-                                            "audit": {"enabled": False}})
-    instance = start(config, run_dir=tmp_path / "run", model_store=store)
-    try:
+    with serving({"seg": export}, tmp_path) as instance:
         local = Service(GraphSession(export, intra_op_threads=1))
         for params in ("target=1,2&output=summary", "target=top1&methods=layercam&output=summary", "metrics=road",
                        "target=2&box=4,6,30,25&output=summary,array"):
@@ -178,5 +169,3 @@ def test_served_on_torchserve(export, tmp_path):
                 assert served["images"] == expected["images"]
             else:
                 assert "segmentation" in served["error"]["message"]
-    finally:
-        stop(tmp_path / "run")
