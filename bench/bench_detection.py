@@ -34,19 +34,11 @@ def calibrated_fasterrcnn():
     import torch
     import torchvision
 
-    from camserve.export.detection import _images
+    from camserve.export.detection import calibrate_batch_norms
 
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
-    body = model.backbone.body
-    for module in body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None
-            module.reset_running_stats()
-    body.train()
-    with torch.no_grad():
-        for seed in range(10, 14):
-            body((torch.cat(_images((SIZE, SIZE), seed)) - 0.45) / 0.25)
+    calibrate_batch_norms(model.backbone.body, (SIZE, SIZE))
     return model.eval()
 
 

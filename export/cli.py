@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "shapley (ShapleyCAM)")
     p.add_argument("--output-activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax (one class) or sigmoid (multi-label, or a binary head with one output)")
-    p.add_argument("--threshold", type=float, default=0.5, help="sigmoid heads: probability at which a label is predicted")
+    p.add_argument("--threshold", type=float, default=0.5, help="sigmoid heads: probability at which a label is predicted; detectors: "
+                        "the lowest detection score answered")
     p.add_argument("--kind", choices=("classifier", "embedding", "segmentation", "detection"), default="classifier",
                    help="embedding: the model outputs an embedding, explained as cosine similarity to concepts; "
                         "segmentation: the model outputs a map [N, K, H, W] (or a dict with 'out'); "

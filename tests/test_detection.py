@@ -27,21 +27,12 @@ def fasterrcnn(tmp_path_factory):
     """torchvision's fasterrcnn_mobilenet_v3_large_320_fpn with random weights, its batch norms
     calibrated on scenes: with the default running statistics the pyramid's maps are ~1e-8 and
     every detection gets the same score."""
-    from camserve.export.detection import _images, export_detection
+    from camserve.export.detection import calibrate_batch_norms, export_detection
 
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=5).eval()
-    body = model.backbone.body
-    for module in body.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a plain average over the calibration batches
-            module.reset_running_stats()
-    body.train()
-    with torch.no_grad():
-        for seed in range(10, 14):
-            body((torch.cat(_images((SIZE, SIZE), seed)) - 0.45) / 0.25)
-    body.eval()
+    calibrate_batch_norms(model.backbone.body, (SIZE, SIZE))
     out = tmp_path_factory.mktemp("frcnn")
     manifest = export_detection(model, out, input_size=SIZE, labels=["__background__", "a", "b", "c", "d"],
                                 model_name="frcnn", min_score=0.0)

@@ -28,7 +28,7 @@ import numpy as np
 
 from camserve.cam.projection import first_component
 from camserve.cam.scaling import EPS, combine_layers, minmax
-from camserve.errors import InputError, ManifestError
+from camserve.errors import ManifestError
 from camserve.manifest import Manifest
 from camserve.pipeline.params import Target
 
@@ -65,10 +65,9 @@ class DetectionSession:
         self.extras: dict[str, Any] = {}
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
-        h, w = self.manifest.input_size
-        if images.ndim != 4 or images.shape[1:] != (3, h, w):
-            raise InputError(f"images must have shape [N, 3, {h}, {w}], got {list(images.shape)}")
-        return np.ascontiguousarray(images, dtype=np.float32)
+        from camserve.pipeline.runtime import check_images
+
+        return check_images(images, self.manifest)
 
     def run(self, images: np.ndarray) -> Detections:
         """Every image through the graph (its batch is one image: the detectors' post-processing

@@ -238,6 +238,16 @@ def _jpeg_complete(data: bytes) -> bool:
     return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
 
 
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` (``[H, W]`` or ``[H, W, C]``) at ``size`` (h, w) as the graph sees it: area
+    averaging when shrinking both sides, bilinear otherwise; unchanged at that size already."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    shrink = image.shape[0] > h and image.shape[1] > w
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def preprocess(images: list[np.ndarray], input_size: tuple[int, int], mean, std, channel_order: str = "RGB") -> np.ndarray:
     """uint8 RGB [H, W, 3] images -> float32 [N, 3, h, w] for the graph.
 
@@ -245,14 +255,7 @@ def preprocess(images: list[np.ndarray], input_size: tuple[int, int], mean, std,
     scaled to [0, 1], put in the manifest's channel order and normalised:
     ``x = (pixel / 255 - mean) / std`` per channel.
     """
-    h, w = input_size
-    resized = [
-        cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if img.shape[0] > h and img.shape[1] > w else cv2.INTER_LINEAR)
-        if img.shape[:2] != (h, w)
-        else img
-        for img in images
-    ]
-    batch = np.stack(resized).astype(np.float32) / 255.0
+    batch = np.stack([resize(img, input_size) for img in images]).astype(np.float32) / 255.0
     if channel_order == "BGR":
         batch = batch[..., ::-1]
     batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -144,10 +144,7 @@ class GraphSession:
         return self.forward.run(["logits"], {"image": self.check_images(images)})[0]
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
-        h, w = self.manifest.input_size
-        if images.ndim != 4 or images.shape[1:] != (3, h, w):
-            raise InputError(f"images must have shape [N, 3, {h}, {w}], got {list(images.shape)}")
-        return np.ascontiguousarray(images, dtype=np.float32)
+        return check_images(images, self.manifest)
 
     def run(
         self,
@@ -230,6 +227,14 @@ class GraphSession:
                 raise InputError("this head graph needs the images (one per activation row) as well")
             feeds["image"] = self.check_images(images)
         return self.head.run(["logits"], feeds)[0]
+
+
+def check_images(images: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """``images`` as the graph takes them: float32 ``[N, 3, H, W]`` at the manifest's input size."""
+    h, w = manifest.input_size
+    if images.ndim != 4 or images.shape[1:] != (3, h, w):
+        raise InputError(f"images must have shape [N, 3, {h}, {w}], got {list(images.shape)}")
+    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 def checked_graph(directory: Path, manifest: Manifest, verify_hash: bool) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from camserve.pipeline import imageio
 from camserve.pipeline.params import BadParameter
 
 #: The multipart part that carries a client mask.
@@ -79,17 +80,5 @@ def regions(params: Any, mask: np.ndarray | None, images: list[tuple[str, np.nda
             full = mask if mask.ndim == 2 else mask.max(axis=2)
             if not full.any():
                 raise BadParameter(f"the {MASK_PART!r} part has no non-zero pixel: the mask is empty")
-        rows.append(_resize(full, input_size))
+        rows.append(imageio.resize(full, input_size).astype(np.float32) / 255.0)  # as the image is resized
     return np.stack(rows)
-
-
-def _resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    h, w = size
-    if mask.shape == (h, w):
-        out = mask
-    else:
-        shrink = mask.shape[0] > h and mask.shape[1] > w
-        out = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return out.astype(np.float32) / 255.0
