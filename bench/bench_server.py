@@ -51,8 +51,8 @@ THROUGHPUT_GOAL, LATENCY_FACTOR = 0.85, 1.3
 
 
 def export_resnet50() -> Path:
-    """resnet50, random weights (seed 0), layer4.-1, 224 px; exported once (same recipe and
-    folder as bench/bench_export.py, so either bench reuses the other's export)."""
+    """resnet50, random weights (seed 0), layer4.-1, 224 px; exported once (bench_export.py's
+    recipe, cached in ``bench/.cache/resnet50``)."""
     out = CACHE / "resnet50"
     if not (out / "manifest.json").is_file():
         import torch

@@ -228,7 +228,8 @@ def export_model(
             input_names.append("region")
         try:
             gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding",
-                                                                                   segmentation=segmentation))
+                                                                                   segmentation=segmentation),
+                                   class_token=True)
         except ExportError:
             raise
         except Exception as exc:

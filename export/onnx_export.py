@@ -169,11 +169,27 @@ def strip_weight_expands(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _remove_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Drop nodes whose outputs nothing reads (repeat until stable)."""
+    """Drop nodes whose outputs nothing reads (repeat until stable), then initializers that
+    nothing reads (ONNX Runtime warns of each at load: the exporter leaves a few behind)."""
     while True:
-        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        used = _names_read(graph) | {o.name for o in graph.output}
         keep = [n for n in graph.node if any(o in used for o in n.output)]
         if len(keep) == len(graph.node):
-            return
+            break
         del graph.node[:]
         graph.node.extend(keep)
+    inputs = {i.name for i in graph.input}  # an initializer listed as an input is a default value
+    dead = [t for t in graph.initializer if t.name not in used and t.name not in inputs]
+    for tensor in dead:
+        graph.initializer.remove(tensor)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a node of ``graph`` reads, in its subgraphs (If/Loop bodies) too."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _names_read(sub)
+    return names

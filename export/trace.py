@@ -232,14 +232,18 @@ def batch_symbolic(example: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[torch.Tensor, ...],
-                fn=None) -> torch.fx.GraphModule:
+                fn=None, class_token: bool = False) -> torch.fx.GraphModule:
     """Trace ``joint`` (or ``fn``, an extra graph's function) with a symbolic batch into an
-    ATen graph ready for ONNX export."""
+    ATen graph ready for ONNX export; ``class_token``: a torchvision ViT's last block takes
+    the class-token backward (:mod:`camserve.export.token_path`) where it applies."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from camserve.export.token_path import class_token_backward
 
     model.eval()
     fn = fn or joint_function(model, layers)
-    with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model), matrix_upsampling():
+    token_path = class_token_backward(model, layers) if class_token else contextlib.nullcontext()
+    with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model), matrix_upsampling(), token_path:
         gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *batch_symbolic(example)
         )
