@@ -14,6 +14,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     # method's numpy work slow the graph run that follows (detection at batch 1: 1.24-1.30x
     # with them, 1.00x run by run alone)
     os.environ.setdefault(_var, "1")
+# Sessions that take turns must not spin-wait between runs: each has its own intra-op threads,
+# and the idle session's spinning slowed the other one's run by up to 1.5x (vit_b_32 at batch 1:
+# 80 ms side by side against 53 ms with spinning off; alone, spinning is 2-10% faster).
+os.environ.setdefault("CAMSERVE_SPIN", "0")
 
 
 def medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

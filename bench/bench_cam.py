@@ -36,6 +36,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 # numpy's OpenBLAS spins one thread per core; next to ONNX Runtime's threads on a loaded
 # 2-core box that made batched SVDs 10-30x slower. A serving worker should pin it too.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("CAMSERVE_SPIN", "0")  # sessions take turns: see bench/_alternate.py
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
+import _alternate  # noqa: E402,F401  (first: BLAS threads, and no spinning between the two sessions' turns)
 import numpy as np  # noqa: E402
 
 LAYERS = {"resnet50": "layer4.-1", "vit_b_16": "encoder.layers.-1.ln_1", "vit_b_32": "encoder.layers.-1.ln_1",

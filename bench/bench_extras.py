@@ -50,6 +50,7 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see bench_cam.py
+os.environ.setdefault("CAMSERVE_SPIN", "0")  # sessions take turns: see bench/_alternate.py
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
