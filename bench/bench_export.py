@@ -84,7 +84,7 @@ def memory_child(graph: str, threads: int, explain: bool) -> None:
     print(json.dumps({"load_peak_mb": load_peak, "steady_rss_mb": status("VmRSS")}))
 
 
-def memory(graph: Path, threads: int, explain: bool, children: int = 3) -> dict[str, float]:
+def memory(graph: Path, threads: int, explain: bool, children: int = 5) -> dict[str, float]:
     """The smallest of ``children`` fresh children's figures: a session's load peak is bimodal
     here (the same file reads about 190 MB higher in one of every 3-5 loads, seen for the
     explain and the forward graphs alike), and the low mode is the reproducible one."""
