@@ -30,26 +30,63 @@ def _centred_positions(maps: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x - x.mean(axis=1, keepdims=True))
 
 
+def _centred_columns(maps: np.ndarray) -> np.ndarray:
+    """``[N, C, h, w]`` -> float64 ``[N, h*w, C]`` centred per channel: each sample's ``X^T``
+    in the column-major order LAPACK reads, written in one pass.
+
+    The centring is the same float32 arithmetic as :func:`_centred_positions` (bit-equal), but
+    NaNs are looked for only when a channel mean comes out non-finite (a NaN or an inf in that
+    channel); then the slower NaN-to-0 path runs, as pytorch-grad-cam does.
+    """
+    n, c, h, w = maps.shape
+    x = maps.reshape(n, c, h * w).astype(np.float32, copy=False).transpose(0, 2, 1)
+    mean = x.mean(axis=1, keepdims=True)
+    if not np.isfinite(mean).all():
+        return _centred_positions(maps).astype(np.float64)
+    out = np.empty((n, h * w, c), np.float32)
+    np.subtract(x, mean, out=out)
+    return out.astype(np.float64)
+
+
 def first_component(maps: np.ndarray) -> np.ndarray:
     """Projection of each sample's centred features on its first principal axis: ``[N, h, w]``.
 
     ``X v_1 = s_1 u_1``, so only ``U`` and ``S`` are needed. When ``X`` is much wider than
     tall (``C >= 11/6 h*w``, e.g. [49, 2048] or [196, 768]) LAPACK's ``gesdd`` first
     factors ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``; we do that
-    explicitly (``L = R^T`` from the QR of ``X^T``), which gives the same ``U`` including
-    its sign at a fraction of the cost (no ``[h*w, C]`` right factor is ever formed).
+    explicitly (``L = R^T`` from the QR of ``X^T``, ``dgeqrf``, then ``dgesdd`` of ``L``),
+    which gives the same ``U`` including its sign at a fraction of the cost (no ``[h*w, C]``
+    right factor is ever formed). Both are called per sample through scipy's LAPACK
+    wrappers on buffers laid out as LAPACK reads them: numpy's stacked ``qr`` / ``svd`` copy
+    each matrix in and out (a third of the time on resnet50's [49, 2048]).
     LAPACK's sign is a discontinuous function of the input: last-bit differences (ONNX
-    Runtime vs PyTorch activations) can flip it where a Householder pivot is near zero.
+    Runtime vs PyTorch activations) can flip it where a Householder pivot is near zero, and
+    it must be computed in float64 as numpy does (a float32 factorization flips it often).
     """
-    n, _, h, w = maps.shape
-    x = _centred_positions(maps)
-    positions, channels = x.shape[1:]
-    wide = channels >= int(positions * 11 / 6)
-    if wide:
-        x = np.linalg.qr(x.transpose(0, 2, 1), mode="r").transpose(0, 2, 1)
-    # Otherwise the same call as pytorch-grad-cam (full_matrices=True: the same LAPACK path).
-    u, s, _ = np.linalg.svd(x, full_matrices=not wide)
-    return (u[:, :, 0] * s[:, :1]).reshape(n, h, w).astype(np.float32)
+    n, c, h, w = maps.shape
+    positions = h * w
+    if c < int(positions * 11 / 6):
+        # The same call as pytorch-grad-cam (full_matrices=True: the same LAPACK path).
+        u, s, _ = np.linalg.svd(_centred_positions(maps), full_matrices=True)
+        return (u[:, :, 0] * s[:, :1]).reshape(n, h, w).astype(np.float32)
+    from scipy.linalg import lapack  # scipy is a runtime dependency; imported where used
+
+    x = _centred_columns(maps)
+    out = np.empty((n, positions), np.float32)
+    for i in range(n):  # one LAPACK factorization per sample: there is no batched LAPACK
+        factor, _, _, info = lapack.dgeqrf(x[i].T, overwrite_a=True)
+        _raise_for(info, "dgeqrf", maps.shape)
+        lower = np.triu(factor[:positions]).T  # L = R^T, Fortran-ordered: no copy into dgesdd
+        u, s, _, info = lapack.dgesdd(lower, compute_uv=True, full_matrices=False, overwrite_a=True)
+        _raise_for(info, "dgesdd", maps.shape)
+        out[i] = u[:, 0] * s[0]
+    return out.reshape(n, h, w)
+
+
+def _raise_for(info: int, routine: str, shape: tuple[int, ...]) -> None:
+    """LAPACK's ``info != 0`` as numpy's error (the SVD did not converge, a bad argument)."""
+    if info:
+        raise np.linalg.LinAlgError(f"{routine} failed (info={info}) on maps of shape {shape}")
 
 
 def kernel_first_component(maps: np.ndarray) -> np.ndarray:
