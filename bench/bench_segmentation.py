@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from _alternate import medians, ratio_table  # noqa: E402  (first: it sets the BLAS threads)
+from bench_export import export_digest  # noqa: E402
 import numpy as np  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -33,7 +34,7 @@ def export(size: int, layer: str) -> Path:
 
     from camserve.export import export_model
 
-    out = CACHE / f"deeplabv3-mobilenet-segmentation-{size}-{layer}"
+    out = CACHE / f"deeplabv3-mobilenet-segmentation-{size}-{layer}-{export_digest()}"  # new export code: new graph
     if not (out / "manifest.json").exists():
         torch.manual_seed(0)
         model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)

@@ -227,8 +227,11 @@ def export_model(
             example = (*example, torch.cat([parity.predicted_region(example[0][:1]), torch.ones(1, 1, *size)]))
             input_names.append("region")
         try:
+            # segmentation: the backward starts below the output's upsampling where the model
+            # only upsamples its head (the parity check below runs the plain formulation)
+            low_head = trace.upsampled_head(model, modules, size) if segmentation else None
             gm = trace.trace_joint(model, modules, example, fn=trace.joint_function(model, modules, cosine=kind == "embedding",
-                                                                                   segmentation=segmentation),
+                                                                                   segmentation=segmentation, head=low_head),
                                    class_token=True)
         except ExportError:
             raise

@@ -150,6 +150,21 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _segmentation_terms(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
+                        region: torch.Tensor, predicted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parts of a segmentation cotangent: class weights ``[N, K]``, the one-hot predicted
+    mask ``[N, K, H, W]`` (no pixel on client-mask rows) and the client region ``[N, 1, H, W]``
+    (0 on predicted-mask rows)."""
+    k = logits.shape[1]
+    if predicted is None:
+        predicted = logits.detach().argmax(dim=1, keepdim=True)
+    client = region[:, :, :1, :1] >= 0  # [N, 1, 1, 1]
+    predicted = predicted + client.to(predicted.dtype) * k  # client rows: no class matches
+    mask = (predicted == torch.arange(k, device=logits.device).view(1, k, 1, 1)).to(logits.dtype)
+    weights = select_cotangent(mask.sum(dim=(2, 3)), cotangent, target_rank)
+    return weights, mask, region.clamp(min=0.0)
+
+
 def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
                            region: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
     """A segmentation model's spatial cotangent ``[N, K, H, W]`` from ``[N, K]`` class weights.
@@ -163,43 +178,100 @@ def segmentation_cotangent(logits: torch.Tensor, cotangent: torch.Tensor, target
     name their classes. ``predicted`` ``[N, 1, H, W]`` replaces the argmax (the parity check
     gives PyTorch ONNX Runtime's argmax where float rounding breaks a tie differently).
     """
-    k = logits.shape[1]
-    if predicted is None:
-        predicted = logits.detach().argmax(dim=1, keepdim=True)
-    client = region[:, :, :1, :1] >= 0  # [N, 1, 1, 1]
-    predicted = predicted + client.to(predicted.dtype) * k  # client rows: no class matches
-    mask = (predicted == torch.arange(k, device=logits.device).view(1, k, 1, 1)).to(logits.dtype)
-    weights = select_cotangent(mask.sum(dim=(2, 3)), cotangent, target_rank)
+    weights, mask, client = _segmentation_terms(logits, cotangent, target_rank, region, predicted)
     # (a broadcast Where is 5x slower than Mul in ONNX Runtime)
-    return weights[:, :, None, None] * (mask + region.clamp(min=0.0))
+    return weights[:, :, None, None] * (mask + client)
+
+
+def low_resolution_cotangent(logits: torch.Tensor, low: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor,
+                             region: torch.Tensor, predicted: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient at ``low [N, K, h, w]`` where ``logits`` is its bilinear upsampling (no
+    align_corners): :func:`segmentation_cotangent` taken back through the upsampling.
+
+    The upsampling ``U`` is linear and acts per channel, so ``U^T (w (M + R)) = w (U^T M +
+    U^T R)``: the weights and the client region join at low resolution, and the full
+    resolution sees only the mask and one transposed upsampling of it (``A_h^T M A_w``), not
+    the weighted ``[N, K, H, W]`` sum and product (2 of the 5 full-resolution passes).
+    """
+    from camserve.export.decompositions import bilinear_matrix
+
+    weights, mask, client = _segmentation_terms(logits, cotangent, target_rank, region, predicted)
+    (h, w), (out_h, out_w) = low.shape[2:], logits.shape[2:]
+    ah = torch.tensor(bilinear_matrix(int(h), int(out_h), False, None), dtype=logits.dtype)
+    aw = torch.tensor(bilinear_matrix(int(w), int(out_w), False, None), dtype=logits.dtype)
+
+    def back(x: torch.Tensor) -> torch.Tensor:  # the full-resolution side first: one large GEMM
+        return torch.matmul(ah.t(), torch.matmul(x, aw))
+
+    return weights[:, :, None, None] * (back(mask) + back(client))
+
+
+def upsampled_head(model: nn.Module, layers: Sequence[nn.Module], size: tuple[int, int]) -> nn.Module | None:
+    """The module whose output a segmentation model only upsamples (bilinear, no
+    align_corners) into its logits, as torchvision's FCN / DeepLabV3 / LRASPP do with their
+    ``classifier``; None where that is not so (checked on one eager forward: the upsampled
+    output must equal the logits exactly) or where the head is a target layer itself."""
+    import torch.nn.functional as F
+
+    inner = getattr(model, "model", model)
+    head = getattr(inner, "classifier", None)
+    if not isinstance(head, nn.Module) or any(head is layer for layer in layers):
+        return None
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            logits = model(torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)))
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0], torch.Tensor) or not isinstance(logits, torch.Tensor):
+        return None
+    low = seen[0]
+    if low.ndim != 4 or low.shape[:2] != logits.shape[:2]:
+        return None
+    up = F.interpolate(low, size=tuple(logits.shape[2:]), mode="bilinear", align_corners=False)
+    return head if torch.equal(up, logits) else None
 
 
 def joint_function(model: nn.Module, layers: Sequence[nn.Module], cosine: bool = False, segmentation: bool = False,
-                   predicted: torch.Tensor | None = None):
+                   predicted: torch.Tensor | None = None, head: nn.Module | None = None):
     """The function that is traced: forward, cotangent selection (``cosine``: with the
     similarity mode of embedding models; ``segmentation``: spatial, over the predicted
-    masks, or ``predicted`` ones: see :func:`segmentation_cotangent`), input-free backward."""
+    masks, or ``predicted`` ones: see :func:`segmentation_cotangent`), input-free backward.
+    ``head`` (segmentation, from :func:`upsampled_head`): the backward starts at that module's
+    low-resolution output (:func:`low_resolution_cotangent`), the same gradients."""
 
     def joint_with(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor, region: torch.Tensor | None):
         store: list[torch.Tensor] = []
+        low: list[torch.Tensor] = []
         with torch.enable_grad():
-            with leaf_hooks(layers, store):
-                logits = model(image)
+            hook = head.register_forward_hook(lambda _m, _i, out: low.append(out)) if head is not None else None
+            try:
+                with leaf_hooks(layers, store):
+                    logits = model(image)
+            finally:
+                if hook is not None:
+                    hook.remove()
             if not isinstance(logits, torch.Tensor) or logits.ndim != (4 if segmentation else 2):
                 want = "[N, K, H, W]" if segmentation else "[N, K]"
                 raise TypeError(f"model must return logits {want}, got {getattr(logits, 'shape', type(logits))}")
             if len(store) != len(layers):
                 raise RuntimeError(f"expected each target layer to run once, saw {len(store)} outputs for {len(layers)} layers")
+            logits_at = logits  # where the backward starts
             if segmentation:
                 if region is None:
                     region = torch.full((image.shape[0], 1, *logits.shape[2:]), -1.0, dtype=logits.dtype)
-                cot = segmentation_cotangent(logits, cotangent, target_rank, region, predicted)
+                if head is not None and len(low) == 1:
+                    cot = low_resolution_cotangent(logits, low[0], cotangent, target_rank, region, predicted)
+                    logits_at = low[0]
+                else:
+                    cot = segmentation_cotangent(logits, cotangent, target_rank, region, predicted)
             else:
                 cot = select_cotangent(logits, cotangent, target_rank, cosine)
             # the cotangent is the logits' gradient as given (not the gradient of
             # (logits * cot).sum(): that traces a ones Expand and a Mul at the logits' size,
             # two passes over [N, K, H, W] for segmentation)
-            grads = torch.autograd.grad(logits, store, grad_outputs=cot.detach(), allow_unused=True)
+            grads = torch.autograd.grad(logits_at, store, grad_outputs=cot.detach(), allow_unused=True)
         outs: list[torch.Tensor] = [logits.detach()]
         for act, grad in zip(store, grads):
             outs += [act.detach(), torch.zeros_like(act) if grad is None else grad]

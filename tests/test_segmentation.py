@@ -91,6 +91,51 @@ def test_client_mask_target_matches_the_oracle(deeplab):
         explain(session, images, [[1]] * 3, ["gradcam"], regions=regions[:, :32])
 
 
+def test_low_resolution_cotangent_is_the_upsampling_backward():
+    """The export starts the backward at the head's output: the full-resolution cotangent
+    (ranked, weighted and client-region rows) taken back through the bilinear upsampling at
+    low resolution must equal autograd's gradient there."""
+    from camserve.export import trace
+
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(3, 5, 7, 9, generator=gen, requires_grad=True)
+    logits = torch.nn.functional.interpolate(low, size=(30, 41), mode="bilinear", align_corners=False)
+    cotangent = torch.zeros(3, 5)
+    cotangent[1, 2], cotangent[1, 4], cotangent[2, 3] = 0.5, -2.0, 1.5
+    rank = torch.tensor([1, -1, -1])  # row 0: the class of second-largest predicted area
+    region = torch.full((3, 1, 30, 41), -1.0)
+    region[2, 0, 5:20, 3:30] = 1.0  # row 2: a client's box
+    full = trace.segmentation_cotangent(logits, cotangent, rank, region)
+    (expected,) = torch.autograd.grad(logits, low, grad_outputs=full)
+    got = trace.low_resolution_cotangent(logits, low, cotangent, rank, region)
+    assert expected[0].abs().sum() > 0 and expected[2].abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class _TinySegmenter(torch.nn.Module):
+    def __init__(self, after: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.classifier = torch.nn.Conv2d(4, 5, 1)
+        self.after = after
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = torch.nn.functional.interpolate(self.classifier(self.backbone(x)), size=x.shape[-2:], mode="bilinear",
+                                              align_corners=False)
+        return {"out": out + self.after}
+
+
+def test_backward_starts_at_the_head_only_where_the_model_just_upsamples_it():
+    from camserve.export import trace
+
+    model = SegmentationOutput(_TinySegmenter()).eval()
+    backbone = model.model.backbone
+    assert trace.upsampled_head(model, [backbone], (32, 32)) is model.model.classifier
+    assert trace.upsampled_head(model, [model.model.classifier], (32, 32)) is None  # the head is the target layer
+    shifted = SegmentationOutput(_TinySegmenter(after=1.0)).eval()  # something after the upsampling
+    assert trace.upsampled_head(shifted, [shifted.model.backbone], (32, 32)) is None
+
+
 def test_segmentation_refuses_what_it_cannot_explain(deeplab):
     session, _ = deeplab
     images = _images(1, seed=2)
