@@ -90,7 +90,8 @@ def _sweep_one(name: str, layer: str, size: int) -> bool:
     worst = max(s["max_rel_err"] for s in manifest.parity["outputs"].values())
     share = max(s["share_off"] for s in manifest.parity["outputs"].values())
     print(f"ok   {name} --weights {spec.name} {spec.layout} {list(spec.shape)} max_rel_err={worst:.1e} "
-          f"share_off={share:.2%} {time.perf_counter() - t0:.0f} s", flush=True)
+          f"share_off={share:.2%} relu_units_flipped={manifest.parity.get('relu_units_flipped', 0)} "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
     return True
 
 

@@ -19,7 +19,7 @@ from camserve.pipeline import forward as forward_graph
 from camserve.pipeline.forward import FORWARD_FILE
 
 from camserve.export import extras as extra_graphs
-from camserve.export import onnx_export, parity, resolve, trace
+from camserve.export import kinks, onnx_export, parity, resolve, trace
 from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
@@ -251,7 +251,8 @@ def export_model(
                                                                         segmentation=segmentation), outputs,
                                           num_outputs, size, cosine=kind == "embedding", region=segmentation,
                                           with_predicted=(lambda predicted: trace.joint_function(
-                                              model, modules, segmentation=True, predicted=predicted)) if segmentation else None)
+                                              model, modules, segmentation=True, predicted=predicted)) if segmentation else None,
+                                          relus=(model, lambda: kinks.graph_relus(tmp / GRAPH_FILE)))
             worst = max(s["max_rel_err"] for s in figures["outputs"].values())
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():

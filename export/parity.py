@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from camserve.errors import ParityError
+from camserve.export import kinks
 
 # ONNX Runtime phones home unless told not to; only loopback traffic is allowed.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -83,9 +85,14 @@ def check_parity(
     cosine: bool = False,
     region: bool = False,
     with_predicted: Callable[[torch.Tensor], Callable[..., Sequence[torch.Tensor]]] | None = None,
+    relus: tuple[nn.Module, Callable[[], kinks.Probe]] | None = None,
 ) -> dict[str, Any]:
     """Run the graph (an ONNX Runtime session) and the eager reference on the parity cases;
     raise on disagreement.
+
+    ``relus = (model, make_probe)``: where a case's gradients break the share rule, the
+    reference is run again on the graph's own ReLU decisions, if every unit they differ on
+    is within ``tol`` of 0 (:mod:`camserve.export.kinks`; ``make_probe`` is called once, then).
 
     Returns the figures written to the manifest: per output name the worst
     ``max_rel_err`` and ``share_off`` over all cases.
@@ -93,18 +100,29 @@ def check_parity(
     worst: dict[str, dict[str, float]] = {}
     grads_seen: list[np.ndarray] = []
     mask_flips = 0.0
+    relu_flips = 0
+    probe: kinks.Probe | None = None
     cases = parity_cases(num_outputs, input_size, cosine=cosine, region=region)
     for case, args in cases:
         feeds = dict(zip(("image", "cotangent", "target_rank", "region"), (a.numpy() for a in args)))
         ours = sess.run(list(names), feeds)
         # the math attention kernel, as traced: CPU flash attention has no double backward (ShapleyCAM)
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            ref_fn: Callable[..., Sequence[torch.Tensor]] = reference
             ref = [t.detach().numpy() for t in reference(*args)]
             if with_predicted is not None:  # segmentation: the gradients given the same mask
-                flips, ref = _same_mask(ours[0], ref, args, with_predicted, tol)
+                flips, ref, ref_fn = _same_mask(ours[0], ref, args, with_predicted, tol, reference)
                 mask_flips = max(mask_flips, flips)
-        for name, o, r in zip(names, ours, ref):
-            stats = compare(f"{case}/{name}", o, r, tol)
+            case_stats = [compare(f"{case}/{name}", o, r, tol) for name, o, r in zip(names, ours, ref)]
+            if relus is not None and any(n.startswith("gradients_") and s["share_off"] > MAX_SHARE
+                                         for n, s in zip(names, case_stats)):
+                probe = probe or relus[1]()
+                again = kinks.reference_on_graph_masks(relus[0], probe, feeds, ref_fn, args, tol)
+                if again is not None:
+                    ref, flipped = again
+                    relu_flips = max(relu_flips, flipped)
+                    case_stats = [compare(f"{case}/{name}", o, r, tol) for name, o, r in zip(names, ours, ref)]
+        for name, stats in zip(names, case_stats):
             prev = worst.setdefault(name, {"max_rel_err": 0.0, "share_off": 0.0})
             prev["max_rel_err"] = max(prev["max_rel_err"], stats["max_rel_err"])
             prev["share_off"] = max(prev["share_off"], stats["share_off"])
@@ -118,31 +136,35 @@ def check_parity(
     figures = {"tolerance": tol, "max_share_off": MAX_SHARE, "outputs": worst, "cases": [c for c, _ in cases]}
     if with_predicted is not None:
         figures["argmax_ties_share"] = mask_flips
+    if relus is not None:
+        figures["relu_units_flipped"] = relu_flips
     return figures
 
 
 def _same_mask(ours_logits: np.ndarray, ref: list[np.ndarray], args: Sequence[torch.Tensor],
                with_predicted: Callable[[torch.Tensor], Callable[..., Sequence[torch.Tensor]]],
-               tol: float) -> tuple[float, list[np.ndarray]]:
+               tol: float, reference: Callable[..., Sequence[torch.Tensor]],
+               ) -> tuple[float, list[np.ndarray], Callable[..., Sequence[torch.Tensor]]]:
     """A segmentation graph's mask is the argmax of its logits: where two classes' logits are
     tied within float rounding, ONNX Runtime and PyTorch may pick different ones (random
     weights tie often), and the gradients then differ around those pixels for a reason that
     is not the graph's. Such pixels must be ties (top-2 gap within ``tol`` of the logits'
     scale); the reference is then recomputed with ONNX Runtime's mask. Returns the share of
-    pixels that flipped and the reference."""
+    pixels that flipped, the reference and the function that gave it."""
     ours_arg, ref_arg = ours_logits.argmax(axis=1), ref[0].argmax(axis=1)
     flipped = ours_arg != ref_arg
     if not flipped.any():
-        return 0.0, ref
+        return 0.0, ref, reference
     top2 = np.sort(ref[0], axis=1)[:, -2:]
     gap = (top2[:, 1] - top2[:, 0])[flipped]
     scale = float(np.abs(ref[0]).max()) or 1.0
     if (gap > tol * scale).any():
         raise ParityError(f"segmentation masks differ at {int(flipped.sum())} pixels, some not ties "
                           f"(top-2 logit gap up to {float(gap.max()):.2e} of scale {scale:.2e})")
+    same = with_predicted(torch.from_numpy(ours_arg[:, None]))
     with torch.no_grad():
-        again = with_predicted(torch.from_numpy(ours_arg[:, None]))(*args)
-    return float(flipped.mean()), [t.detach().numpy() for t in again]
+        again = same(*args)
+    return float(flipped.mean()), [t.detach().numpy() for t in again], same
 
 
 def check_head(graph: Path, reference: Callable[..., torch.Tensor], names: Sequence[str], example: Sequence[torch.Tensor]) -> None:
