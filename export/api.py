@@ -257,6 +257,9 @@ def export_model(
             log(f"parity with PyTorch autograd: max relative error {worst:.2e} ({time.perf_counter() - t0:.1f} s)")
             for name, stats in figures["outputs"].items():
                 log(f"  {name:16s} max_rel_err={stats['max_rel_err']:.2e} share_off={stats['share_off']:.2%}")
+            if figures.get("relu_units_flipped"):
+                log(f"  compared on ONNX Runtime's ReLU decisions: {figures['relu_units_flipped']} units within "
+                    f"float rounding of 0 decided differently (export/kinks.py)")
 
         onnx.save(forward_graph.extract_forward(proto), str(tmp / FORWARD_FILE))  # faithfulness metrics' runs
 
