@@ -31,7 +31,7 @@ from camserve.cam.layouts import to_nchw
 from camserve.cam.methods import reduce_terms
 from camserve.cam.registry import MethodSpec, get_method
 from camserve.cam.runs import ablation_weights, scorecam_weights
-from camserve.cam import dff
+from camserve.cam import dff, parallel
 from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
 from camserve.cam.scaling import combine_layers, minmax, resize_maps
@@ -126,6 +126,7 @@ class _Runs:
                          region=regions[rows.image])
 
 
+@parallel.session_threads
 def explain(
     session: Any,
     images: np.ndarray,

@@ -11,12 +11,16 @@ centred per channel (column means removed); NaNs are read as 0.
   sign chosen so that the entry of largest magnitude of ``u_1`` is positive (scikit-learn's
   ``KernelPCA(n_components=1, kernel="sigmoid")`` convention).
 
-Both are batched: one ``np.linalg.svd`` / ``np.linalg.eigh`` call on stacked matrices.
+Narrow features (``C < 11/6 h*w``) and the kernel PCA are batched: one ``np.linalg.svd`` /
+``np.linalg.eigh`` call on stacked matrices. Wide features (every CNN's last layer, ViT's
+tokens) take two LAPACK calls per sample, on the session's threads.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from camserve.cam import lapack, parallel
 
 
 def _centred_positions(maps: np.ndarray) -> np.ndarray:
@@ -30,35 +34,27 @@ def _centred_positions(maps: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x - x.mean(axis=1, keepdims=True))
 
 
-def _centred_columns(maps: np.ndarray) -> np.ndarray:
-    """``[N, C, h, w]`` -> float64 ``[N, h*w, C]`` centred per channel: each sample's ``X^T``
-    in the column-major order LAPACK reads, written in one pass.
-
-    The centring is the same float32 arithmetic as :func:`_centred_positions` (bit-equal), but
-    NaNs are looked for only when a channel mean comes out non-finite (a NaN or an inf in that
-    channel); then the slower NaN-to-0 path runs, as pytorch-grad-cam does.
-    """
+def _channel_means(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(x, mean)``: ``x = [N, C, h*w]`` float32 and its per-channel means ``[N, C, 1]``,
+    the same float32 arithmetic as :func:`_centred_positions` (bit-equal); ``mean`` is None
+    when a channel mean is not finite (a NaN or an inf in that channel: NaNs must then be
+    read as 0 first, as pytorch-grad-cam does; only then are they looked for)."""
     n, c, h, w = maps.shape
-    x = maps.reshape(n, c, h * w).astype(np.float32, copy=False).transpose(0, 2, 1)
-    mean = x.mean(axis=1, keepdims=True)
-    if not np.isfinite(mean).all():
-        return _centred_positions(maps).astype(np.float64)
-    out = np.empty((n, h * w, c), np.float32)
-    np.subtract(x, mean, out=out)
-    return out.astype(np.float64)
+    x = maps.reshape(n, c, h * w).astype(np.float32, copy=False)
+    mean = x.transpose(0, 2, 1).mean(axis=1, keepdims=True).transpose(0, 2, 1)
+    return x, (mean if np.isfinite(mean).all() else None)
 
 
 def first_component(maps: np.ndarray) -> np.ndarray:
     """Projection of each sample's centred features on its first principal axis: ``[N, h, w]``.
 
     ``X v_1 = s_1 u_1``, so only ``U`` and ``S`` are needed. When ``X`` is much wider than
-    tall (``C >= 11/6 h*w``, e.g. [49, 2048] or [196, 768]) LAPACK's ``gesdd`` first
-    factors ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``; we do that
-    explicitly (``L = R^T`` from the QR of ``X^T``, ``dgeqrf``, then ``dgesdd`` of ``L``),
-    which gives the same ``U`` including its sign at a fraction of the cost (no ``[h*w, C]``
-    right factor is ever formed). Both are called per sample through scipy's LAPACK
-    wrappers on buffers laid out as LAPACK reads them: numpy's stacked ``qr`` / ``svd`` copy
-    each matrix in and out (a third of the time on resnet50's [49, 2048]).
+    tall (``C >= 11/6 h*w``, e.g. [49, 2048] or [196, 768]) numpy's ``gesdd`` first factors
+    ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``; we make those two
+    steps ourselves (:mod:`camserve.cam.lapack`: ``L = R^T`` from the QR of ``X^T``, then
+    ``dgesdd`` of ``L``), which gives the same ``U``
+    including its sign at a fraction of the cost (no ``[C, C]`` right factor is formed),
+    one sample per job on the session's threads (:mod:`camserve.cam.parallel`).
     LAPACK's sign is a discontinuous function of the input: last-bit differences (ONNX
     Runtime vs PyTorch activations) can flip it where a Householder pivot is near zero, and
     it must be computed in float64 as numpy does (a float32 factorization flips it often).
@@ -69,24 +65,22 @@ def first_component(maps: np.ndarray) -> np.ndarray:
         # The same call as pytorch-grad-cam (full_matrices=True: the same LAPACK path).
         u, s, _ = np.linalg.svd(_centred_positions(maps), full_matrices=True)
         return (u[:, :, 0] * s[:, :1]).reshape(n, h, w).astype(np.float32)
-    from scipy.linalg import lapack  # scipy is a runtime dependency; imported where used
-
-    x = _centred_columns(maps)
+    x, mean = _channel_means(maps)
+    if mean is None:
+        x = _centred_positions(maps).transpose(0, 2, 1)
+        mean = np.zeros((n, c, 1), np.float32)
     out = np.empty((n, positions), np.float32)
-    for i in range(n):  # one LAPACK factorization per sample: there is no batched LAPACK
-        factor, _, _, info = lapack.dgeqrf(x[i].T, overwrite_a=True)
-        _raise_for(info, "dgeqrf", maps.shape)
-        lower = np.triu(factor[:positions]).T  # L = R^T, Fortran-ordered: no copy into dgesdd
-        u, s, _, info = lapack.dgesdd(lower, compute_uv=True, full_matrices=False, overwrite_a=True)
-        _raise_for(info, "dgesdd", maps.shape)
-        out[i] = u[:, 0] * s[0]
+
+    def project(i: int) -> None:
+        # X^T [C, h*w] Fortran-ordered is X [h*w, C] C-ordered: centred, in float64, in one
+        # pass (computed in float32, as the oracle, stored as float64), in the job's thread
+        centred = np.empty((positions, c), np.float64)
+        np.subtract(x[i].T, mean[i].T, out=centred, dtype=np.float32)
+        u, s = lapack.first_singular(lapack.lq_lower(centred.T))
+        out[i] = u * s
+
+    parallel.for_each(project, n)
     return out.reshape(n, h, w)
-
-
-def _raise_for(info: int, routine: str, shape: tuple[int, ...]) -> None:
-    """LAPACK's ``info != 0`` as numpy's error (the SVD did not converge, a bad argument)."""
-    if info:
-        raise np.linalg.LinAlgError(f"{routine} failed (info={info}) on maps of shape {shape}")
 
 
 def kernel_first_component(maps: np.ndarray) -> np.ndarray:

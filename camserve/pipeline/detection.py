@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from camserve.cam import parallel
 from camserve.cam.projection import first_component
 from camserve.cam.scaling import EPS, combine_layers, minmax
 from camserve.errors import ManifestError
@@ -63,6 +64,11 @@ class DetectionSession:
         self.options = session_options(intra_op_threads)
         self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
         self.extras: dict[str, Any] = {}
+
+    @property
+    def threads(self) -> int:
+        """ONNX Runtime's intra-op threads: post-processing may use as many (``camserve.cam.parallel``)."""
+        return int(self.options.intra_op_num_threads)
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         from camserve.pipeline.runtime import check_images
@@ -141,6 +147,7 @@ class Explained:
     timings: dict[str, float]
 
 
+@parallel.session_threads
 def explain(session: DetectionSession, images: np.ndarray, threshold: float, classes: tuple[int, ...] = (),
             topk: int | None = None, maps: bool = True) -> Explained:
     """Run the detector on ``images`` and (``maps``) explain its kept detections."""

@@ -216,6 +216,12 @@ class GraphSession:
         session = self.extras[name]
         return dict(zip(self._extra_outputs[name], session.run(None, feeds)))
 
+    @property
+    def threads(self) -> int:
+        """ONNX Runtime's intra-op threads: post-processing may use as many, since those cores
+        are idle once the graph has answered (``camserve.cam.parallel``)."""
+        return int(self.options.intra_op_num_threads)
+
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits only (ScoreCAM's masked runs); the zero cotangent makes the backward trivial."""
         return self.run(images).logits

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from camserve import heads
+from camserve.cam import parallel
 from camserve.concepts import load as load_concepts
 from camserve.pipeline import detection, embedding, imageio, segmentation
 from camserve.config import Limits
@@ -313,7 +314,13 @@ class Service(Answers):
         return {"name": self.name, "version": self.version, "graph_sha256": self.manifest.graph_sha256}
 
     def handle(self, requests: list[Request]) -> list[Response]:
-        """Answer every request of one server batch; never raises for a bad request."""
+        """Answer every request of one server batch; never raises for a bad request. The
+        post-processing (EigenCAM's factorizations, PNG encoding) may use the session's
+        threads: those cores are idle once ONNX Runtime has answered."""
+        with parallel.using(getattr(self.session, "threads", 1) or 1):
+            return self._handle(requests)
+
+    def _handle(self, requests: list[Request]) -> list[Response]:
         handle_start = time.perf_counter()
         items = [_Item(r) for r in requests]
         self.recorder.requests(len(items))
