@@ -250,3 +250,17 @@ def test_model_run_methods_batch_their_runs(tiny: TorchSession) -> None:
     explain(tiny, images, [[1, 2], [3]], ["ablationcam", "finercam"])
     assert tiny.calls == [("run", 2), ("head", 32), ("run", 3)]
     assert [m.shape for m in out.cams["scorecam"]] == [(2, 16, 16), (1, 16, 16)]
+
+
+def test_gradcam_plus_plus_weights_are_the_literal_formula_bit_for_bit() -> None:
+    """The in-place weights equal the oracle's expression, zeros of the gradient included."""
+    from camserve.cam.methods import gradcam_plus_plus_weights
+
+    for scale in (1e-6, 1e-3, 1.0):
+        a = np.maximum(RNG.standard_normal((3, 32, 5, 5), dtype=np.float32), 0)
+        g = RNG.standard_normal((3, 32, 5, 5), dtype=np.float32) * np.float32(scale)
+        g[RNG.random(g.shape) < 0.2] = 0
+        g2 = g * g
+        alpha = g2 / (2.0 * g2 + a.sum(axis=(2, 3), keepdims=True) * (g2 * g) + 1e-6)
+        literal = (np.maximum(g, 0) * np.where(g != 0, alpha, 0.0)).sum(axis=(2, 3))
+        np.testing.assert_array_equal(gradcam_plus_plus_weights(a, g), literal)
