@@ -134,34 +134,23 @@ def post_processing(method: str, spec: LayerSpec, n: int, repeats: int, runner: 
 def post_round(method: str, spec: LayerSpec, n: int, runner: GraphSession | None = None,
                threads: int = 1) -> Callable[[], dict[str, float]]:
     """One round of ``method``'s post-processing on an :class:`ArraySession` (arrays drawn
-    once): ``explain()``'s ``cam`` and ``inference`` timings and the PNG encoding of its maps
-    (on the session's threads, as the service encodes)."""
-    from camserve.pipeline import render
-
-    session = ArraySession(spec, n, runner, threads=threads)
-    images = np.zeros((n, 3, 224, 224), np.float32)
-
-    def one() -> dict[str, float]:
-        out = explain(session, images, [TopK(1)] * n, [method])
-        start = time.perf_counter()
-        with parallel.using(threads):
-            render.heatmap_png(np.concatenate(out.cams[method]))
-        return {"cam_s": out.timings["cam"], "png_s": time.perf_counter() - start, "runs_s": out.timings["inference"]}
-
-    return one
+    once; ``run_s``: AblationCAM's head-graph runs, 0 for the others)."""
+    return explain_round(ArraySession(spec, n, runner, threads=threads), np.zeros((n, 3, 224, 224), np.float32),
+                         method, threads)
 
 
-def served_round(runner: GraphSession, images: np.ndarray, method: str, threads: int) -> Callable[[], dict[str, float]]:
-    """One ``explain()`` of top-1 on the real session: its ORT run (``run_s``) and the
-    post-processing of the outputs that run wrote (``cam_s``, then ``png_s``), as the
-    service does them. Post-processing right after a run costs more than in a loop of its
-    own (resnet50 GradCAM at N=1: 1.7 against 0.6 ms): the run has evicted its code and data."""
+def explain_round(session: object, images: np.ndarray, method: str, threads: int) -> Callable[[], dict[str, float]]:
+    """One ``explain()`` of top-1 and the PNG encoding of its maps, as the service does them
+    (on the session's threads): ``run_s`` its graph runs, ``cam_s`` its post-processing,
+    ``png_s`` the encoding. On the real session the post-processing reads the outputs the
+    run has just written; right after a run it costs more than in a loop of its own
+    (resnet50 GradCAM at N=1: 1.7 against 0.6 ms): the run has evicted its code and data."""
     from camserve.pipeline import render
 
     n = len(images)
 
     def one() -> dict[str, float]:
-        out = explain(runner, images, [TopK(1)] * n, [method])
+        out = explain(session, images, [TopK(1)] * n, [method])
         start = time.perf_counter()
         with parallel.using(threads):
             render.heatmap_png(np.concatenate(out.cams[method]))
@@ -178,7 +167,7 @@ def _array_round(run: Callable[[], object], method: str, spec: LayerSpec, n: int
         start = time.perf_counter()
         run()
         run_s = time.perf_counter() - start
-        return {**post(), "run_s": run_s}
+        return {**post(), "run_s": run_s}  # the forward-only run, not the arrays' (none)
 
     return one
 
@@ -215,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 fn = lambda: plain.run(None, {"image": x})  # noqa: E731
             # As served: each round is one explain() per method on the real session (its ORT
             # run, then the post-processing of the outputs it just wrote) and the PNG encoding.
-            posts = {m: served_round(runner, x, m, args.threads) if runner else _array_round(fn, m, spec, n, args.threads)
+            posts = {m: explain_round(runner, x, m, args.threads) if runner else _array_round(fn, m, spec, n, args.threads)
                      for m in args.methods}
             rounds: list[tuple[float, dict[str, dict[str, float]]]] = []
             for r in range(1 + max(1, args.repeats if n < 32 else 2)):
@@ -268,7 +257,7 @@ def model_run_lines(name, spec, runner, run_s, args, results, log) -> list[str]:
         cells = []
         for n in args.sizes:
             r = post_processing("ablationcam", spec, n, 1, runner)
-            total = r["cam_s"] + r["png_s"] + r["runs_s"]
+            total = r["cam_s"] + r["png_s"] + r["run_s"]
             results.append({"model": name, "method": "ablationcam", "n": n, "ort_run_s": run_s[n], **r, "share": total / run_s[n]})
             cells.append(f"{total * 1e3:.0f} ({100 * total / run_s[n]:.0f}%)")
             log(f"{name} N={n}: ablationcam {total:.2f} s")
