@@ -161,9 +161,15 @@ def memory_child(graph: str, threads: int) -> None:
 
     out = {"load_mb": peak(), "run_mb": peak()}
     if graph:
-        # the options GraphSession gives each graph: extra graphs get basic optimizations only
+        # the options GraphSession gives each graph: an extra graph at its manifest's ort_level
         extra = Path(graph).stem in ("fullgrad", "guided", "shapley")
-        options = extra_session_options(threads) if extra else session_options(threads)
+        if extra:
+            from camserve.manifest import Manifest
+
+            entry = Manifest.load(Path(graph).parent).extras[Path(graph).stem]
+            options = extra_session_options(threads, entry.get("ort_level", "basic"))
+        else:
+            options = session_options(threads)
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
         out["load_mb"] = peak()
         feeds = {}

@@ -19,7 +19,7 @@ from camserve.pipeline import forward as forward_graph
 from camserve.pipeline.forward import FORWARD_FILE
 
 from camserve.export import extras as extra_graphs
-from camserve.export import kinks, onnx_export, parity, resolve, trace
+from camserve.export import folding, kinks, onnx_export, parity, resolve, trace
 from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
@@ -107,16 +107,24 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
 
 def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], example: tuple[torch.Tensor, ...],
                   num_outputs: int, size: tuple[int, int], tmp: Path, check: bool) -> dict:
-    """Trace, export and check one extra graph; returns its manifest entry."""
+    """Trace, export and check one extra graph; returns its manifest entry. FullGrad and
+    Guided Backprop trace a copy with batch norms folded into their convolutions
+    (:mod:`camserve.export.folding`); the entry says how many."""
+    folded = 0
+    if extra in ("fullgrad", "guided"):
+        traced, folded = folding.fold_batch_norms(model, keep_biased=extra == "fullgrad")
+        if folded and not folding.folded_copy_matches(model, traced, size):
+            traced, folded = model, 0
     if extra == "fullgrad":
-        fn, names = extra_graphs.fullgrad_function(model, size)
+        fn, names = extra_graphs.fullgrad_function(traced, size)
     elif extra == "guided":
-        fn, names = extra_graphs.guided_function(model)
+        fn, names = extra_graphs.guided_function(traced)
     else:
+        traced = model
         fn, names = extra_graphs.shapley_function(model, modules)
     path = tmp / f"{extra}.onnx"
     try:
-        gm = trace.trace_joint(model, modules, example, fn=fn)
+        gm = trace.trace_joint(traced, modules, example, fn=fn)
         proto = onnx_export.export_graph(gm, example, ["image", "cotangent", "target_rank"], names, path)
     except ExportError:
         raise
@@ -125,7 +133,16 @@ def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], ex
     session = _load_checked(path, proto)
     tol = EXTRA_TOL.get(extra, parity.TOL)
     figures = parity.check_parity(session, fn, names, num_outputs, size, tol=tol) if check else {}
-    return {"file": path.name, "sha256": sha256_file(path), "outputs": names, "parity": figures}
+    return {"file": path.name, "sha256": sha256_file(path), "outputs": names, "parity": figures,
+            "batch_norms_folded": folded, "ort_level": _extra_level(extra, folded)}
+
+
+def _extra_level(extra: str, folded: int) -> str:
+    """ONNX Runtime's optimization level for an extra graph (``ort_level`` in the manifest,
+    see :func:`camserve.pipeline.runtime.extra_session_options`): all of them for ShapleyCAM's
+    graph and for a full-backward graph whose batch norms were folded; basic for a
+    full-backward graph that still has them (all would keep a fused copy of every weight)."""
+    return "all" if extra == "shapley" or folded else "basic"
 
 
 def _load_checked(graph: Path, proto: onnx.ModelProto):
@@ -279,7 +296,9 @@ def export_model(
         for extra in extras:
             t0 = time.perf_counter()
             extra_files[extra] = _export_extra(extra, model, modules, example, num_outputs, size, tmp, check)
-            log(f"exported extra graph {extra} ({', '.join(extra_files[extra]['outputs'])}) in {time.perf_counter() - t0:.1f} s")
+            folded = extra_files[extra]["batch_norms_folded"]
+            log(f"exported extra graph {extra} ({', '.join(extra_files[extra]['outputs'])}) in {time.perf_counter() - t0:.1f} s"
+                + (f", {folded} batch norms folded into their convolutions" if folded else ""))
 
         manifest = Manifest(
             model_name=model_name,

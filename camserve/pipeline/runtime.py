@@ -53,13 +53,22 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def extra_session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
-    """Options of the extra graphs (``camserve export --extras``): basic optimizations only.
-    With all of them ORT keeps fused copies of the weights beside the unfused ones the
-    input-gradient backward needs (resnet50 ``fullgrad.onnx``: 485 MB at load, 390 MB basic,
-    the main graph 313 MB; no slower, ``bench/bench_extras.py``)."""
+EXTRA_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def extra_session_options(intra_op_threads: int | None = None, level: str = "basic") -> ort.SessionOptions:
+    """Options of an extra graph (``camserve export --extras``) at the optimization level its
+    manifest entry names (``ort_level``; exports before it: ``basic``). Basic where all of
+    ONNX Runtime's optimizations would keep fused copies of the weights beside the unfused
+    ones an input-gradient backward needs (resnet50 ``fullgrad.onnx`` with its batch norms
+    unfolded: 485 MB at load against 390 MB basic, the main graph 313 MB); all where the
+    export left nothing to duplicate (batch norms folded into the convolutions,
+    :mod:`camserve.export.folding`): resnet50's graphs 1.2-1.6x faster, within 1.3x the main
+    graph's load peak (``bench/bench_extras.py``)."""
+    if level not in EXTRA_LEVELS:
+        raise ManifestError(f"unknown ort_level {level!r} for an extra graph (known: {', '.join(EXTRA_LEVELS)})")
     opts = session_options(intra_op_threads)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = EXTRA_LEVELS[level]
     return opts
 
 
@@ -112,14 +121,14 @@ class GraphSession:
         #: Extra graphs (``camserve export --extras``), loaded now: the export opted in, and a
         #: first request should not pay for loading them.
         self.extras: dict[str, ort.InferenceSession] = {}
-        extra_options = extra_session_options(intra_op_threads)
         for name, entry in self.manifest.extras.items():
             path = self.directory / entry["file"]
             if not path.is_file():
                 raise ManifestError(f"extra graph {path} named by the manifest does not exist")
             if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
-            self.extras[name] = ort.InferenceSession(str(path), sess_options=extra_options, providers=self.providers)
+            options = extra_session_options(intra_op_threads, entry.get("ort_level", "basic"))
+            self.extras[name] = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         self._extra_outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.extras.items()}
         self._verify_hash = verify_hash
         self._forward: ort.InferenceSession | None = None
