@@ -225,6 +225,30 @@ def guided_function(model: nn.Module) -> tuple[Joint, list[str]]:
 # ------------------------------------------------------------------ Shapley ---
 
 
+@contextlib.contextmanager
+def affine_batch_norms(model: nn.Module) -> Iterator[int]:
+    """Every eval ``BatchNorm2d`` computes ``x * s + t`` (its folded scale and shift) while
+    active; yields how many. The same map, but its double backward is a product: the batch
+    norm's traced double backward fixes the batch size of the graph (ShapleyCAM's graph for a
+    layer with batch norms after it took batch 2 only)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and not m.training and m.track_running_stats]
+    originals = [m.forward for m in norms]
+
+    def affine(m: nn.BatchNorm2d) -> Callable[[torch.Tensor], torch.Tensor]:
+        scale = (m.weight if m.affine else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+        shift = (m.bias if m.affine else torch.zeros_like(m.running_mean)) - m.running_mean * scale
+        scale, shift = scale.detach()[None, :, None, None], shift.detach()[None, :, None, None]
+        return lambda x: x * scale + shift
+
+    for m in norms:
+        m.forward = affine(m)  # type: ignore[method-assign]
+    try:
+        yield len(norms)
+    finally:
+        for m, fwd in zip(norms, originals):
+            m.forward = fwd  # type: ignore[method-assign]
+
+
 def shapley_function(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[Joint, list[str]]:
     """ShapleyCAM's joint function: ``(logits, activations_i, g_i - hvp_i / 2, ...)``, ReST target."""
     names = ["logits"] + [n for i in range(len(layers)) for n in (f"activations_{i}", f"gradients_{i}")]
@@ -232,7 +256,7 @@ def shapley_function(model: nn.Module, layers: Sequence[nn.Module]) -> tuple[Joi
     def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
         store: list[torch.Tensor] = []
         with torch.enable_grad():
-            with leaf_hooks(layers, store):
+            with leaf_hooks(layers, store), affine_batch_norms(model):
                 logits = model(image)
             cot = select_cotangent(logits, cotangent, target_rank)
             # ReST: z_c - CE(z, c) = 2 z_c - logsumexp(z) for a one-hot row; rows weighted by cot.

@@ -105,6 +105,30 @@ def test_export_records_the_fold_and_the_level(tmp_path) -> None:
     assert guided["guided"].shape == (2, 3, 16, 16) and np.isfinite(guided["guided"]).all()
 
 
+def test_shapley_graph_keeps_a_symbolic_batch_through_batch_norms(tmp_path) -> None:
+    """ShapleyCAM's double backward through eval batch norms (here all three sit after the
+    layer) is traced as products: the graph takes any batch, and its ``g - hvp / 2`` is the
+    unpatched model's own double backward."""
+    from camserve.export.trace import leaf_hooks
+
+    model = Residual().eval()
+    export.export_model(model, ["c1"], tmp_path / "s", input_size=16, model_name="s", extras=("shapley",), check=True)
+    session = GraphSession(tmp_path / "s", intra_op_threads=1)
+    assert session.manifest.extras["shapley"]["ort_level"] == "all"
+    for n in (1, 3):
+        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
+        cot = torch.eye(5)[torch.arange(n) % 5]
+        store: list[torch.Tensor] = []
+        with torch.enable_grad(), leaf_hooks([model.c1], store):
+            logits = model(x)
+            rest = 2 * (logits * cot).sum(1) - cot.sum(1) * torch.logsumexp(logits, 1)
+            (g,) = torch.autograd.grad(rest.sum(), store, create_graph=True)
+            (hvp,) = torch.autograd.grad(g, store, grad_outputs=[store[0].detach()])
+        expected = (g - 0.5 * hvp).detach().numpy()
+        got = session.run_extra("shapley", x.numpy(), cot.numpy())["gradients_0"]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()))
+
+
 def test_unknown_level_is_refused() -> None:
     assert extra_session_options(1, "basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with pytest.raises(ManifestError, match="'fastest'"):
