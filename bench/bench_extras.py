@@ -167,7 +167,7 @@ def memory_child(graph: str, threads: int) -> None:
             from camserve.manifest import Manifest
 
             entry = Manifest.load(Path(graph).parent).extras[Path(graph).stem]
-            options = extra_session_options(threads, entry.get("ort_level", "basic"))
+            options = extra_session_options(threads, entry.get("ort_level", "basic"), bool(entry.get("ort_prepacking", True)))
         else:
             options = session_options(threads)
         sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])

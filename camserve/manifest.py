@@ -103,9 +103,9 @@ class Manifest:
     head_graph_file: str | None = None
     head_inputs: tuple[str, ...] = ()
     #: Opt-in extra graphs (``camserve export --extras``): name -> ``{"file", "sha256",
-    #: "outputs", "parity", "batch_norms_folded", "ort_level"}`` (the last two since batch
-    #: norms are folded; ``ort_level`` absent reads ``basic``); each has the main graph's
-    #: inputs (see camserve.export.extras).
+    #: "outputs", "parity", "batch_norms_folded", "ort_level", "ort_prepacking"}`` (the last
+    #: three since batch norms are folded; absent, ``ort_level`` reads ``basic`` and
+    #: ``ort_prepacking`` true); each has the main graph's inputs (see camserve.export.extras).
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: The forward-only graph (image -> logits, :mod:`camserve.pipeline.forward`) for the
     #: faithfulness metrics' perturbation runs; None in exports made before it existed

@@ -134,14 +134,17 @@ def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], ex
     tol = EXTRA_TOL.get(extra, parity.TOL)
     figures = parity.check_parity(session, fn, names, num_outputs, size, tol=tol) if check else {}
     return {"file": path.name, "sha256": sha256_file(path), "outputs": names, "parity": figures,
-            "batch_norms_folded": folded, "ort_level": _extra_level(extra, folded)}
+            "batch_norms_folded": folded, "ort_level": _extra_level(extra, folded),
+            "ort_prepacking": extra != "shapley"}
 
 
 def _extra_level(extra: str, folded: int) -> str:
     """ONNX Runtime's optimization level for an extra graph (``ort_level`` in the manifest,
     see :func:`camserve.pipeline.runtime.extra_session_options`): all of them for ShapleyCAM's
     graph and for a full-backward graph whose batch norms were folded; basic for a
-    full-backward graph that still has them (all would keep a fused copy of every weight)."""
+    full-backward graph that still has them (all would keep a fused copy of every weight).
+    ShapleyCAM's graph is also loaded without weight prepacking (``ort_prepacking``, see
+    :func:`camserve.pipeline.runtime.extra_session_options`)."""
     return "all" if extra == "shapley" or folded else "basic"
 
 

@@ -94,6 +94,7 @@ def test_export_records_the_fold_and_the_level(tmp_path) -> None:
     extras = session.manifest.extras
     assert (extras["fullgrad"]["batch_norms_folded"], extras["guided"]["batch_norms_folded"]) == (1, 2)
     assert {name: e["ort_level"] for name, e in extras.items()} == {"fullgrad": "all", "guided": "all"}
+    assert all(e["ort_prepacking"] is True for e in extras.values())
     for name in ("fullgrad", "guided"):
         ops = [n.op_type for n in onnx.load(str(tmp_path / "r" / f"{name}.onnx")).graph.node]
         assert ops.count("BatchNormalization") == {"fullgrad": 2, "guided": 1}[name]  # b3 stays; FullGrad keeps b2
@@ -115,6 +116,8 @@ def test_shapley_graph_keeps_a_symbolic_batch_through_batch_norms(tmp_path) -> N
     export.export_model(model, ["c1"], tmp_path / "s", input_size=16, model_name="s", extras=("shapley",), check=True)
     session = GraphSession(tmp_path / "s", intra_op_threads=1)
     assert session.manifest.extras["shapley"]["ort_level"] == "all"
+    assert session.manifest.extras["shapley"]["ort_prepacking"] is False
+    assert session.extras["shapley"].get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     for n in (1, 3):
         x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(n))
         cot = torch.eye(5)[torch.arange(n) % 5]
@@ -131,5 +134,6 @@ def test_shapley_graph_keeps_a_symbolic_batch_through_batch_norms(tmp_path) -> N
 
 def test_unknown_level_is_refused() -> None:
     assert extra_session_options(1, "basic").graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert extra_session_options(1, "all", prepacking=False).get_session_config_entry("session.disable_prepacking") == "1"
     with pytest.raises(ManifestError, match="'fastest'"):
         extra_session_options(1, "fastest")

@@ -56,7 +56,8 @@ def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
 EXTRA_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
-def extra_session_options(intra_op_threads: int | None = None, level: str = "basic") -> ort.SessionOptions:
+def extra_session_options(intra_op_threads: int | None = None, level: str = "basic",
+                          prepacking: bool = True) -> ort.SessionOptions:
     """Options of an extra graph (``camserve export --extras``) at the optimization level its
     manifest entry names (``ort_level``; exports before it: ``basic``). Basic where all of
     ONNX Runtime's optimizations would keep fused copies of the weights beside the unfused
@@ -64,11 +65,20 @@ def extra_session_options(intra_op_threads: int | None = None, level: str = "bas
     unfolded: 485 MB at load against 390 MB basic, the main graph 313 MB); all where the
     export left nothing to duplicate (batch norms folded into the convolutions,
     :mod:`camserve.export.folding`): resnet50's graphs 1.2-1.6x faster, within 1.3x the main
-    graph's load peak (``bench/bench_extras.py``)."""
+    graph's load peak (``bench/bench_extras.py``).
+
+    ``prepacking=False`` (``ort_prepacking`` in the entry) keeps ONNX Runtime from packing
+    MatMul weights at load. ShapleyCAM's double backward reads each weight in several
+    places; packed, vit_b_16's ``shapley.onnx`` peaked at 458 or 646-708 MB at load depending
+    on the process's address layout (ONNX Runtime frees the unpacked copies in an
+    address-dependent order), unpacked at 413-468 MB every time, as fast at batch 8 and ~30%
+    slower at batch 1."""
     if level not in EXTRA_LEVELS:
         raise ManifestError(f"unknown ort_level {level!r} for an extra graph (known: {', '.join(EXTRA_LEVELS)})")
     opts = session_options(intra_op_threads)
     opts.graph_optimization_level = EXTRA_LEVELS[level]
+    if not prepacking:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     return opts
 
 
@@ -127,7 +137,8 @@ class GraphSession:
                 raise ManifestError(f"extra graph {path} named by the manifest does not exist")
             if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
-            options = extra_session_options(intra_op_threads, entry.get("ort_level", "basic"))
+            options = extra_session_options(intra_op_threads, entry.get("ort_level", "basic"),
+                                            bool(entry.get("ort_prepacking", True)))
             self.extras[name] = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         self._extra_outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.extras.items()}
         self._verify_hash = verify_hash
