@@ -151,24 +151,6 @@ def fullgrad_function(model: nn.Module, size: tuple[int, int]) -> tuple[Joint, l
 # ------------------------------------------------------------------- Guided ---
 
 
-class _GuidedReLU(torch.autograd.Function):
-    """ReLU whose backward is ``grad * [x > 0] * [grad > 0]``, written ``relu(grad) * [y > 0]``
-    with ``y = relu(x)``: four elementwise ops per ReLU in the graph instead of six (two
-    compares, two casts, two products). ONNX Runtime's CPU ``Sign`` would make it three, but it
-    is slower than ``Greater`` and ``Cast`` together."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = torch.relu(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return torch.relu(grad) * (y > 0).to(grad.dtype)
-
-
 class _MaskReLU(torch.autograd.Function):
     """ReLU with its usual gradient ``grad * [y > 0]`` written as a product: ``Greater``,
     ``Cast`` and ``Mul`` in the graph, where autograd's ``threshold_backward`` exports as
@@ -185,6 +167,18 @@ class _MaskReLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (y,) = ctx.saved_tensors
         return grad * (y > 0).to(grad.dtype)
+
+
+class _GuidedReLU(_MaskReLU):
+    """ReLU whose backward is ``grad * [x > 0] * [grad > 0]``, written ``relu(grad) * [y > 0]``
+    with ``y = relu(x)``: four elementwise ops per ReLU in the graph instead of six (two
+    compares, two casts, two products). ONNX Runtime's CPU ``Sign`` would make it three, but it
+    is slower than ``Greater`` and ``Cast`` together."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.relu(grad) * (y > 0).to(grad.dtype)
 
 
 @contextlib.contextmanager
