@@ -19,7 +19,7 @@ from camserve.pipeline import forward as forward_graph
 from camserve.pipeline.forward import FORWARD_FILE
 
 from camserve.export import extras as extra_graphs
-from camserve.export import folding, kinks, onnx_export, parity, resolve, trace
+from camserve.export import folding, kinks, lowering, onnx_export, parity, resolve, trace
 from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
@@ -87,7 +87,7 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     with trace.pool_fix(model), trace.frozen(model):
         gm = make_fx(
             torch.func.functionalize(head, remove="mutations_and_views"),
-            decomposition_table=trace.decomposition_table(),
+            decomposition_table=trace.traced_decomposition_table(),
             tracing_mode="symbolic",
             _allow_non_fake_inputs=True,
         )(*trace.batch_symbolic(example))
@@ -98,7 +98,7 @@ def _export_head(model: nn.Module, layer: nn.Module, spec: LayerSpec, size: tupl
     if not image_node.users:
         gm.graph.erase_node(image_node)
         names, args = ["activations"], example[1:]
-    gm.recompile()
+    lowering.out_of_place(gm)  # functionalized already: marks it for the exporter (see lowering)
     onnx_export.export_graph(gm, args, names, ["logits"], out)
     with torch.no_grad():
         parity.check_head(out, head, names, example)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 from torch._decomp import core_aten_decompositions
+from torch._decomp import decomposition_table as _torch_decompositions
 
 aten = torch.ops.aten
 
@@ -160,3 +161,21 @@ def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
     table[aten.avg_pool2d_backward.default] = _avg_pool2d_input_grad
     table[aten.upsample_bilinear2d_backward.default] = _upsample_bilinear2d_input_grad
     return table
+
+
+def traced_decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
+    """:func:`decomposition_table` plus the ops the traces meet that ONNX cannot translate and
+    the exporter would decompose in its own second pass (which :mod:`camserve.export.lowering`
+    then skips): ``max_pool2d_with_indices_backward`` (Guided Backprop, FullGrad), with
+    PyTorch's own decomposition, as the exporter does, and ``squeeze.dims`` (ShapleyCAM's
+    double backward), as a reshape (PyTorch's gives ``prims.squeeze``,
+    which the exporter's pass cannot functionalize where a graph still takes it)."""
+    table = decomposition_table()
+    table[aten.max_pool2d_with_indices_backward.default] = _torch_decompositions[aten.max_pool2d_with_indices_backward.default]
+    table[aten.squeeze.dims] = _squeeze_dims
+    return table
+
+
+def _squeeze_dims(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    axes = {d % max(x.dim(), 1) for d in dims}
+    return x.reshape([size for axis, size in enumerate(x.shape) if not (axis in axes and size == 1)])

@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from camserve.errors import ExportError
+from camserve.export.lowering import skip_redundant_decomposition
 
 OPSET = 20
 
@@ -45,7 +46,7 @@ def export_graph(
     """Export ``gm`` (traced or plain module) to ``path`` with a dynamic batch dimension."""
     batch = torch.export.Dim("N", min=1, max=4096)
     dynamic = tuple({0: batch} for _ in example)
-    with warnings.catch_warnings(), _quiet_exporter():
+    with warnings.catch_warnings(), _quiet_exporter(), skip_redundant_decomposition(gm):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

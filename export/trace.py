@@ -30,7 +30,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from camserve.errors import ExportError
-from camserve.export.decompositions import decomposition_table
+from camserve.export.decompositions import traced_decomposition_table
+from camserve.export.lowering import out_of_place
 
 
 #: ``target_rank`` of a row whose cotangent is a concept (embedding graphs only).
@@ -316,9 +317,9 @@ def trace_joint(model: nn.Module, layers: Sequence[nn.Module], example: tuple[to
     fn = fn or joint_function(model, layers)
     token_path = class_token_backward(model, layers) if class_token else contextlib.nullcontext()
     with sdpa_kernel(SDPBackend.MATH), pool_fix(model), frozen(model), matrix_upsampling(), token_path:
-        gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+        gm = make_fx(fn, decomposition_table=traced_decomposition_table(), tracing_mode="symbolic", _allow_non_fake_inputs=True)(
             *batch_symbolic(example)
         )
     gm.graph.eliminate_dead_code()
-    gm.recompile()
+    out_of_place(gm)  # what torch.onnx.export's own decomposition pass would change (see lowering)
     return gm
