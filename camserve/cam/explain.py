@@ -206,7 +206,7 @@ def explain(
         row_class = all_rows.cls
         out = runs.call(session.run, runs.images[all_rows.image], np.asarray(concepts, dtype=np.float32)[row_class],
                         target_rank=np.full(len(all_rows), COSINE_RANK, dtype=np.int64))
-        logits_u, acts_u = out.logits[first], [a[first] for a in out.activations]
+        logits_u, acts_u = out.logits[first], [_first_rows(a, first) for a in out.activations]
         row_logits = logits_u[all_rows.image]
     elif score != "logit":
         # the cotangent depends on the logits: a forward first, then one run with it
@@ -215,11 +215,11 @@ def explain(
         row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
         cotangent = score_cotangent(score, row_logits, row_class)
         out = runs.call(session.run, runs.images[all_rows.image], cotangent)
-        acts_u = [a[first] for a in out.activations]
+        acts_u = [_first_rows(a, first) for a in out.activations]
     elif any(s.main_gradients for s in specs):
         out = runs.targets(all_rows, k, regions)
         logits_u = out.logits[first]
-        acts_u = [a[first] for a in out.activations]
+        acts_u = [_first_rows(a, first) for a in out.activations]
     elif all(s.extra for s in specs):
         # only extra-graph methods: the first one's run over the rows gives the logits too,
         # so the main graph does not run at all
@@ -279,6 +279,15 @@ def explain(
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
+
+
+def _first_rows(a: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """``a[first]`` (each image's first row), without the copy when every image has one row
+    (``first`` is ``0..N-1``): a gradient method's run over resnet50 at N=32 copied 12.8 MB
+    of activations that only the activation methods read."""
+    if len(first) == len(a) and (first == np.arange(len(a))).all():
+        return a
+    return a[first]
 
 
 def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:
