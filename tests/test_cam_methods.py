@@ -264,3 +264,16 @@ def test_gradcam_plus_plus_weights_are_the_literal_formula_bit_for_bit() -> None
         alpha = g2 / (2.0 * g2 + a.sum(axis=(2, 3), keepdims=True) * (g2 * g) + 1e-6)
         literal = (np.maximum(g, 0) * np.where(g != 0, alpha, 0.0)).sum(axis=(2, 3))
         np.testing.assert_array_equal(gradcam_plus_plus_weights(a, g), literal)
+
+
+def test_one_layer_combination_is_the_general_formula_to_the_bit() -> None:
+    """combine_layers' one-layer path (no stack, ReLU or mean) equals the general formula."""
+    from camserve.cam.scaling import combine_layers, minmax, scale_layer
+
+    rng = np.random.default_rng(7)
+    for shape in [(1, 7, 7), (5, 14, 14), (2, 1, 1)]:
+        raw = rng.standard_normal(shape).astype(np.float32)
+        general = minmax(np.maximum(np.stack([scale_layer(raw, (64, 48))], axis=1), 0).mean(axis=1))
+        got = combine_layers([raw], (64, 48))
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, general)

@@ -81,6 +81,12 @@ def scale_layer(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def combine_layers(raw_per_layer: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Raw per-layer CAMs -> final ``[N, H, W]`` float32 CAMs in [0, 1] (see module doc)."""
+    """Raw per-layer CAMs -> final ``[N, H, W]`` float32 CAMs in [0, 1] (see module doc).
+
+    One layer (the common case) skips the stack, ReLU and mean: its scaled map is already
+    >= 0 (bilinear weights are) and the mean of one value is that value, so the result is
+    the same to the bit without three full-size copies."""
+    if len(raw_per_layer) == 1:
+        return minmax(scale_layer(raw_per_layer[0], size))
     scaled = np.stack([scale_layer(raw, size) for raw in raw_per_layer], axis=1)
     return minmax(np.maximum(scaled, 0).mean(axis=1))
