@@ -225,16 +225,27 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
 
     v = {"model_name": "tiny", "model_version": "2.0"}
 
-    def settled(at_least: float = 0):
-        """A scrape once ``at_least`` requests were counted and every counted request's
-        histograms arrived: they leave the worker in a background flush, after the request
-        counter (every request observes the request latency once)."""
+    count = "camserve_explain_latency_seconds_count"
+    per_good = ("camserve_inference_latency_seconds_count", "camserve_preprocess_latency_seconds_count",
+                "camserve_batch_size_count")
+
+    def good_counts(samples) -> list[float]:
+        return [total(samples, count, method="gradcam", **v)] + [total(samples, n, **v) for n in per_good]
+
+    def settled(at_least: float = 0, good: list[float] | None = None):
+        """A scrape once ``at_least`` requests were counted and their histograms arrived
+        (they leave the worker in background flushes, after the request counter): the
+        request latency once per request, and the explain, inference, preprocess and
+        batch-size counts up to ``good`` (:func:`good_counts` order). Each count the test
+        asserts is polled for: polling for the request latency alone failed once when the
+        others arrived later."""
         deadline = time.monotonic() + 30
         while True:
             samples = scrape()
             requests = total(samples, "camserve_requests_total", **v)
             latency = total(samples, "camserve_request_latency_seconds_count", **v)
-            if (requests >= at_least and latency >= requests) or time.monotonic() > deadline:
+            arrived = good is None or all(c >= g for c, g in zip(good_counts(samples), good))
+            if (requests >= at_least and latency >= requests and arrived) or time.monotonic() > deadline:
                 return samples
             time.sleep(0.2)
 
@@ -242,13 +253,12 @@ def test_metrics_endpoint_counts_and_histogram_moves(served):
     for _ in range(3):
         assert post(instance, "/explanations/tiny/2.0", bad_body("good"))[0] == 200
     assert post(instance, "/explanations/tiny/2.0", b"nope")[0] == 415
-    after = settled(total(before, "camserve_requests_total", **v) + 4)
+    after = settled(total(before, "camserve_requests_total", **v) + 4, [c + 3 for c in good_counts(before)])
     assert total(after, "camserve_requests_total", **v) - total(before, "camserve_requests_total", **v) == 4
     assert total(after, "camserve_errors_total", kind="not_an_image", **v) - total(before, "camserve_errors_total", kind="not_an_image", **v) == 1
-    count = "camserve_explain_latency_seconds_count"
     assert total(after, count, method="gradcam", **v) - total(before, count, method="gradcam", **v) == 3
     assert total(after, "camserve_explain_latency_seconds_sum", **v) > total(before, "camserve_explain_latency_seconds_sum", **v)
-    for name in ("camserve_inference_latency_seconds_count", "camserve_preprocess_latency_seconds_count", "camserve_batch_size_count"):
+    for name in per_good:
         assert total(after, name, **v) - total(before, name, **v) == 3, name
     assert total(after, "camserve_request_latency_seconds_count", **v) - total(before, "camserve_request_latency_seconds_count", **v) == 4
     # camserve's buckets (1 ms .. 60 s; batch sizes 1 .. max_batch_size), not TorchServe's defaults
