@@ -149,6 +149,27 @@ def test_targets_expand_and_errors_name_the_value() -> None:
         TopK(0)
 
 
+def test_resolve_top_class_equals_the_stable_sort_with_ties_and_nan() -> None:
+    """Rows that ask only for the top class take argmax; it must pick what the stable sort's
+    first column picks (lowest index of a tie, signed zeros equal); a NaN logit or a deeper
+    rank keeps the sort."""
+    rng = np.random.default_rng(3)
+    logits = rng.integers(0, 4, (64, 9)).astype(np.float32)  # many ties
+    logits[0] = [0.0, -0.0, 0.0, -0.0, -1, -1, -1, -1, -1]
+    for targets in ([TopK(1)] * 64, [TopK(3)] * 64, [TopK(1), [4]] * 32):
+        rows = expand_targets(targets, 64, 9)
+        per_row = logits[rows.image]
+        order = np.argsort(-per_row, axis=1, kind="stable")
+        expected = np.where(rows.cls >= 0, rows.cls, order[np.arange(len(rows)), np.maximum(rows.rank, 0)])
+        assert rows.resolve(per_row).tolist() == expected.tolist()
+    with_nan = logits.copy()
+    with_nan[5, 2] = np.nan
+    rows = expand_targets([TopK(1)] * 64, 64, 9)
+    expected = np.argsort(-with_nan, axis=1, kind="stable")[:, 0]
+    assert rows.resolve(with_nan).tolist() == expected.tolist()
+    assert expand_targets([[7], [1]], 2, 9).resolve(logits[:2]).tolist() == [7, 1]
+
+
 def test_finer_cotangent_is_the_gradient_of_finer_weighted_target() -> None:
     logits = RNG.standard_normal((4, 10)).astype(np.float32) * 3
     main = np.array([3, 0, 9, 5])

@@ -78,6 +78,42 @@ def test_elementwise_ratio_batched() -> None:
     assert reduce_terms("elements", np.zeros((2, 3, 4, 4), np.float32))[1].tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_nonnegative_maps_take_one_pass_with_the_same_result(layout: str) -> None:
+    """With ``A >= 0`` (after a ReLU) map and magnitude are two rows of one matmul; one
+    negative element anywhere sends the batch down the general ``|w| @ |A|`` path. Both must
+    give the float64 formula's map and ratio, in either memory order."""
+    n, c, h, w = 3, 10, 4, 5
+    weights = RNG.standard_normal((n, c)).astype(np.float32)
+    for negative in (False, True):
+        a = RNG.random((n, c, h, w)).astype(np.float32)
+        if negative:
+            a[2, 3, 1, 1] = -0.5
+        maps = a if layout == "NCHW" else to_nchw(np.ascontiguousarray(a.transpose(0, 2, 3, 1)), LayerSpec("x", "NHWC", (h, w, c)))
+        cam, ratio = reduce_terms("weights", weights, maps)
+        expected = np.einsum("nc,nchw->nhw", weights.astype(np.float64), a.astype(np.float64))
+        np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ratio, _brute_ratio(weights[:, :, None, None] * a), rtol=1e-5, atol=1e-7)
+    # NaN activations are not "non-negative": the general path keeps the NaN in the ratio
+    a = RNG.random((1, c, h, w)).astype(np.float32)
+    a[0, 0, 0, 0] = np.nan
+    assert np.isnan(reduce_terms("weights", weights[:1], a)[1]).all()
+
+
+def test_nonnegative_elements_are_their_own_magnitude() -> None:
+    """GradCAM element-wise ``relu(G A)`` and LayerCAM on ``A >= 0`` give non-negative terms:
+    the ratio (1 for every row) equals the brute formula; signed terms still cancel."""
+    a = RNG.random((3, 6, 4, 4)).astype(np.float32)
+    g = RNG.standard_normal((3, 6, 4, 4)).astype(np.float32)
+    for name in ("gradcamelementwise", "layercam"):
+        terms = get_method(name).terms(a, g)
+        cam, ratio = reduce_terms("elements", terms)
+        np.testing.assert_array_equal(cam, terms.sum(axis=1))
+        np.testing.assert_allclose(ratio, _brute_ratio(terms), rtol=1e-6)
+    signed = get_method("hirescam").terms(a, g)
+    np.testing.assert_allclose(reduce_terms("elements", signed)[1], _brute_ratio(signed), rtol=1e-5, atol=1e-7)
+
+
 def test_cancellation_ratio_and_layer_minimum() -> None:
     signed = np.array([[[1e-8, -2e-8]], [[0.0, 0.5]], [[0.0, 0.0]]], np.float32)
     magnitude = np.array([[[1.0, 0.5]], [[2.0, 1.0]], [[0.0, 0.0]]], np.float32)

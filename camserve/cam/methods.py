@@ -48,14 +48,30 @@ def weighted_sum(weights: np.ndarray, maps: np.ndarray, eigen_smooth: bool = Fal
 
     Done as one batched matmul over whichever of NCHW / NHWC memory order ``maps`` has.
     """
-    n, c, h, w = maps.shape
     if eigen_smooth:
         return first_component(weights[:, :, None, None] * maps)
+    return weighted_sum_rows(weights[:, None, :], maps)[:, 0]
+
+
+def weighted_sum_rows(weights: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """``sum_c w_kc A_c`` for ``weights [N, K, C]`` and ``maps [N, C, h, w]`` -> ``[N, K, h, w]``.
+
+    K weight rows over the same maps cost one pass over ``maps`` (one batched matmul over
+    whichever of NCHW / NHWC memory order ``maps`` has), not K.
+    """
+    n, c, h, w = maps.shape
+    k = weights.shape[1]
     weights = weights.astype(np.float32, copy=False)
     if maps.flags.c_contiguous:
-        return np.matmul(weights[:, None, :], maps.reshape(n, c, h * w)).reshape(n, h, w)
-    channels_last = maps.transpose(0, 2, 3, 1)
-    return np.matmul(channels_last.reshape(n, h * w, c), weights[:, :, None]).reshape(n, h, w)
+        return np.matmul(weights, maps.reshape(n, c, h * w)).reshape(n, k, h, w)
+    channels_last = maps.transpose(0, 2, 3, 1).reshape(n, h * w, c)
+    rows = np.matmul(channels_last, weights.transpose(0, 2, 1))  # [N, hw, K]
+    return rows.transpose(0, 2, 1).reshape(n, k, h, w)
+
+
+def _nonnegative(a: np.ndarray) -> bool:
+    """True when no element of ``a`` is negative or NaN (then ``|a| == a``): one read of ``a``."""
+    return bool(a.size == 0 or a.min() >= 0)
 
 
 def channel_sum(elements: np.ndarray, eigen_smooth: bool = False) -> np.ndarray:
@@ -68,22 +84,29 @@ def reduce_terms(form: Form, terms: np.ndarray, maps: np.ndarray | None = None,
     """Raw map ``[N, h, w]`` and signal ratio ``[N]`` float64 of a sum over channel terms.
 
     ``form == "weights"``: ``terms`` are ``w [N, C]`` of ``maps`` ``A [N, C, h, w]``; the map
-    is :func:`weighted_sum` and the magnitude ``|w| @ |A|`` one more batched matmul.
+    is :func:`weighted_sum` and the magnitude ``|w| @ |A|`` (with ``A >= 0``, e.g. after a
+    ReLU, both are rows of one matmul, a single pass over ``A``).
     ``form == "elements"``: ``terms`` are ``E [N, C, h, w]`` (``maps`` unused); the map is
     :func:`channel_sum` and the magnitude ``sum_c |E|``. With ``eigen_smooth`` the map is
     the projection and the ratio nan (see :mod:`camserve.cam.degenerate`).
     """
     if form == "weights":
         assert maps is not None, "a weighted sum needs its maps"
-        cam = weighted_sum(terms, maps, eigen_smooth)
         if eigen_smooth:
+            cam = weighted_sum(terms, maps, eigen_smooth)
             return cam, not_applicable(cam.shape[0])
+        if _nonnegative(maps):  # |A| == A: map and magnitude are two rows of one matmul
+            rows = weighted_sum_rows(np.stack([terms, np.abs(terms)], axis=1), maps)
+            return rows[:, 0], cancellation_ratio(rows[:, 0], rows[:, 1])
+        cam = weighted_sum(terms, maps)
         return cam, cancellation_ratio(cam, weighted_sum(np.abs(terms), np.abs(maps)))
     if form == "elements":
         cam = channel_sum(terms, eigen_smooth)
         if eigen_smooth:
             return cam, not_applicable(cam.shape[0])
-        return cam, cancellation_ratio(cam, np.abs(terms).sum(axis=1))
+        # Non-negative terms (GradCAM element-wise; LayerCAM on A >= 0) are their own magnitude.
+        magnitude = cam if _nonnegative(terms) else np.abs(terms).sum(axis=1)
+        return cam, cancellation_ratio(cam, magnitude)
     raise ValueError(f"form {form!r} has no channel terms")
 
 

@@ -59,8 +59,15 @@ class Rows:
 
         Ties are broken towards the lower index, as ONNX TopK does.
         """
-        order = np.argsort(-logits, axis=1, kind="stable")
-        ranked = order[np.arange(len(self)), np.maximum(self.rank, 0)]
+        if len(self) == 0 or (self.cls >= 0).all():
+            return self.cls.astype(np.int64)
+        if self.rank.max() <= 0 and not np.isnan(logits).any():
+            # Only the top class is asked: argmax (first of ties) is the stable sort's first
+            # column without sorting every row's logits (~70 us a row at 1000 classes).
+            ranked = np.argmax(logits, axis=1)
+        else:
+            order = np.argsort(-logits, axis=1, kind="stable")
+            ranked = order[np.arange(len(self)), np.maximum(self.rank, 0)]
         return np.where(self.cls >= 0, self.cls, ranked).astype(np.int64)
 
     def repeat(self, times: int) -> Rows:
