@@ -254,13 +254,13 @@ def explain(
         if spec.source == "guided":
             cam = None
             if spec.name == "guidedgradcam":
-                gradcam = _raw_cams(get_method("gradcam"), runs, out, acts_u, logits_u, all_rows, row_class, row_logits,
-                                    layers, eigen_smooth, k, size)
-                cam = combine_layers([raw for raw, _ in gradcam], size)
+                cam = _array_cams(get_method("gradcam"), out, acts_u, layers, eigen_smooth, size)[0]
             gb = runs.extra("guided", all_rows, k)["guided"]
             picture, result = guided_pictures(gb, cam)
             pictures[spec.name] = np.split(picture, splits)
             ratio = not_applicable(len(all_rows))
+        elif spec.source in ("gradients", "activations"):
+            result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
         else:
             per_layer = _raw_cams(spec, runs, out, acts_u, logits_u, all_rows, row_class, row_logits, layers, eigen_smooth, k,
                                   size)
@@ -331,10 +331,6 @@ def _raw_cams(
     """Raw per-layer maps of one method with their signal ratios: ``([R, h, w], [R])`` per
     layer (``[U, h, w]``, ``[U]`` for activation-only)."""
     smooth = eigen_smooth and spec.eigen_smooth
-    if spec.source == "gradients":
-        return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(out.activations, out.gradients, layers)]
-    if spec.source == "activations":
-        return [_layer_map(spec, to_nchw(a, l), None, smooth) for a, l in zip(acts_u, layers)]
     if spec.source == "finer":
         cotangent = finer_cotangent(row_logits, row_class)
         finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
@@ -359,6 +355,23 @@ def _raw_cams(
     head_images = runs.images if "image" in getattr(runs.session.manifest, "head_inputs", ()) else None
     weights = ablation_weights(runs, acts_u[0], layer, logits_u, rows.image, row_class, head_images)
     return [reduce_terms("weights", weights, to_nchw(acts_u[0], layer)[rows.image], smooth)]
+
+
+def _array_cams(spec: MethodSpec, out: GraphOutputs, acts_u: list[np.ndarray], layers: Sequence[Any],
+                eigen_smooth: bool, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Final maps ``[R, H, W]`` and signal ratios ``[R]`` of a method over the main graph's
+    arrays (gradient methods: its rows; activation methods: ``[U, ...]``, its images). Every
+    step is row-wise, so a large batch is split by rows over the session's threads."""
+    smooth = eigen_smooth and spec.eigen_smooth
+    gradients = spec.source == "gradients"
+    acts = out.activations if gradients else acts_u
+
+    def part(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        per_layer = [_layer_map(spec, to_nchw(a[rows], l), to_nchw(out.gradients[i][rows], l) if gradients else None, smooth)
+                     for i, (a, l) in enumerate(zip(acts, layers))]
+        return combine_layers([raw for raw, _ in per_layer], size), combine_ratios([r for _, r in per_layer])
+
+    return parallel.map_rows(part, len(acts[0]), sum(a.size for a in acts) * (2 if gradients else 1))
 
 
 def _dff(runs: _Runs, acts: np.ndarray, layer: Any, size: tuple[int, int], components: int
