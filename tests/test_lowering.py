@@ -112,3 +112,26 @@ def test_exports_skip_the_pass_and_write_the_same_graphs(tmp_path, monkeypatch) 
     for extra in ("fullgrad", "guided", "shapley"):
         for key, value in session.run_extra(extra, x, cot).items():
             np.testing.assert_array_equal(value, reference.run_extra(extra, x, cot)[key], err_msg=f"{extra} {key}")
+
+
+def test_export_rewrites_with_single_output_rules_only(tmp_path, monkeypatch) -> None:
+    """The exporter's optimizer runs without onnxscript's multi-output-node rules (their
+    matcher scans the whole graph per candidate: 45 s of inception_v3's FullGrad export), on
+    every graph an export writes, and the rule list is restored afterwards."""
+    from onnxscript import rewriter
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    multi = [r for r in before if not onnx_export._single_output(r)]
+    assert multi, "onnxscript has no multi-output rule any more: single_output_rewrites can go"
+    seen: list[tuple] = []
+    real = rewriter.RewritePass
+    monkeypatch.setattr(rewriter, "RewritePass", lambda rules, *a, **k: seen.append(tuple(rules)) or real(rules, *a, **k))
+    graphs = _export(tmp_path, "x")
+    exported = [name for name, proto in graphs.items() if proto.producer_name == "pytorch"]  # forward.onnx is cut
+    assert len(seen) >= len(exported) >= 5, (len(seen), sorted(exported))
+    assert not any(rule in rules for rules in seen for rule in multi)
+    assert all(len(rules) == len(before) - len(multi) for rules in seen)
+    assert rewriter._DEFAULT_REWRITE_RULES is before
+    with onnx_export.single_output_rewrites():
+        assert rewriter._DEFAULT_REWRITE_RULES == tuple(r for r in before if r not in multi)
+    assert rewriter._DEFAULT_REWRITE_RULES is before
