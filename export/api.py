@@ -19,7 +19,7 @@ from camserve.pipeline import forward as forward_graph
 from camserve.pipeline.forward import FORWARD_FILE
 
 from camserve.export import extras as extra_graphs
-from camserve.export import folding, kinks, lowering, onnx_export, parity, resolve, trace
+from camserve.export import folding, guided_taps, kinks, lowering, onnx_export, parity, resolve, trace
 from camserve.export.layouts import infer_layout
 
 HEAD_FILE = "head.onnx"
@@ -118,7 +118,7 @@ def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], ex
     if extra == "fullgrad":
         fn, names = extra_graphs.fullgrad_function(traced, size)
     elif extra == "guided":
-        fn, names = extra_graphs.guided_function(traced)
+        fn, names = extra_graphs.guided_function(traced, _guided_layers(model, traced, modules, example[0]))
     else:
         traced = model
         fn, names = extra_graphs.shapley_function(model, modules)
@@ -136,6 +136,17 @@ def _export_extra(extra: str, model: nn.Module, modules: Sequence[nn.Module], ex
     return {"file": path.name, "sha256": sha256_file(path), "outputs": names, "parity": figures,
             "batch_norms_folded": folded, "ort_level": _extra_level(extra, folded),
             "ort_prepacking": extra != "shapley"}
+
+
+def _guided_layers(model: nn.Module, traced: nn.Module, modules: Sequence[nn.Module], image: torch.Tensor) -> list[nn.Module]:
+    """The target layers (or their taps in a folded ``torch.fx`` copy) whose activations and
+    gradients the guided graph answers too: all of them where no ``nn.ReLU`` module runs
+    after them, else none (:mod:`camserve.export.guided_taps`)."""
+    layers: list[nn.Module] | None = list(modules)
+    if traced is not model:
+        paths = {id(m): name for name, m in model.named_modules()}
+        layers = guided_taps.tap_outputs(traced, [paths[id(m)] for m in modules])  # type: ignore[arg-type]
+    return layers if layers and guided_taps.relu_free_after(traced, layers, image) else []
 
 
 def _extra_level(extra: str, folded: int) -> str:

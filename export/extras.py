@@ -200,20 +200,27 @@ def guided_relus(model: nn.Module) -> contextlib.AbstractContextManager[int]:
     return relu_modules(model, _GuidedReLU)
 
 
-def guided_function(model: nn.Module) -> tuple[Joint, list[str]]:
-    """The Guided Backprop joint function: ``(logits, guided [N, 3, H, W])``."""
+def guided_function(model: nn.Module, layers: Sequence[nn.Module] = ()) -> tuple[Joint, list[str]]:
+    """The Guided Backprop joint function: ``(logits, guided [N, 3, H, W])``, then
+    ``activations_i, gradients_i`` of ``layers`` (pass them only where no ``nn.ReLU`` module
+    runs after them, :mod:`camserve.export.guided_taps`: there they are the plain ones)."""
+    names = ["logits", "guided"] + [n for i in range(len(layers)) for n in (f"activations_{i}", f"gradients_{i}")]
 
     def joint(image: torch.Tensor, cotangent: torch.Tensor, target_rank: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.enable_grad(), guided_relus(model) as count:
+        calls: list[tuple[nn.Module, torch.Tensor]] = []
+        with torch.enable_grad(), guided_relus(model) as count, output_hooks(layers, calls):
             if count == 0:
                 raise ExportError("Guided Backprop needs nn.ReLU modules; this model has none")
             x = image.detach().requires_grad_(True)
             logits = model(x)
             cot = select_cotangent(logits, cotangent, target_rank)
-            (grad,) = torch.autograd.grad((logits * cot).sum(), [x])
-        return logits.detach(), grad
+            outputs = dict(calls)
+            store = [outputs[layer] for layer in layers]
+            grads = torch.autograd.grad((logits * cot).sum(), [x, *store])
+        pairs = [t for a, g in zip(store, grads[1:]) for t in (a.detach(), g)]
+        return (logits.detach(), grads[0], *pairs)
 
-    return joint, ["logits", "guided"]
+    return joint, names
 
 
 # ------------------------------------------------------------------ Shapley ---

@@ -199,6 +199,10 @@ def explain(
     u = n * copies
 
     first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
+    # Guided Grad-CAM takes GradCAM's arrays from the guided graph where it answers them (no
+    # nn.ReLU after the target layers: camserve.export.guided_taps) instead of a main run.
+    guided_arrays = (score == "logit" and not embedding and not segmentation
+                     and f"gradients_{len(layers) - 1}" in getattr(manifest, "extras", {}).get("guided", {}).get("outputs", ()))
     if embedding:
         # one run: the graph turns each row's concept into the gradient of the cosine similarity
         if (all_rows.cls < 0).any():
@@ -216,7 +220,7 @@ def explain(
         cotangent = score_cotangent(score, row_logits, row_class)
         out = runs.call(session.run, runs.images[all_rows.image], cotangent)
         acts_u = [_first_rows(a, first) for a in out.activations]
-    elif any(s.main_gradients for s in specs):
+    elif any(s.main_gradients and not (guided_arrays and s.name == "guidedgradcam") for s in specs):
         out = runs.targets(all_rows, k, regions)
         logits_u = out.logits[first]
         acts_u = [_first_rows(a, first) for a in out.activations]
@@ -254,7 +258,12 @@ def explain(
         if spec.source == "guided":
             cam = None
             if spec.name == "guidedgradcam":
-                cam = _array_cams(get_method("gradcam"), out, acts_u, layers, eigen_smooth, size)[0]
+                arrays = out
+                if guided_arrays:
+                    ex = runs.extra("guided", all_rows, k)
+                    arrays = GraphOutputs(ex["logits"], [ex[f"activations_{i}"] for i in range(len(layers))],
+                                          [ex[f"gradients_{i}"] for i in range(len(layers))])
+                cam = _array_cams(get_method("gradcam"), arrays, acts_u, layers, eigen_smooth, size)[0]
             gb = runs.extra("guided", all_rows, k)["guided"]
             picture, result = guided_pictures(gb, cam)
             pictures[spec.name] = np.split(picture, splits)
