@@ -33,17 +33,20 @@ def tap_outputs(gm: fx.GraphModule, paths: Sequence[str]) -> list[nn.Module] | N
     one node inside the layer that nodes outside it read), or None where a layer has no such
     single node (its module stack is not recorded, or it answers several tensors)."""
     nodes = list(gm.graph.nodes)
-    taps: list[nn.Module] = []
-    for i, path in enumerate(paths):
+    ends: list[fx.Node] = []
+    for path in paths:  # every layer's output node first: gm is changed only when all have one
         inside = {n for n in nodes if any(key.split("@")[0] == path for key in n.meta.get("nn_module_stack", {}))}
         outputs = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
         if len(outputs) != 1:
             return None
+        ends.append(outputs[0])
+    taps: list[nn.Module] = []
+    for i, end in enumerate(ends):
         name = f"camserve_tap_{i}"
         gm.add_submodule(name, Tap())
-        with gm.graph.inserting_after(outputs[0]):
-            tap = gm.graph.call_module(name, (outputs[0],))
-        outputs[0].replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+        with gm.graph.inserting_after(end):
+            tap = gm.graph.call_module(name, (end,))
+        end.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
         taps.append(gm.get_submodule(name))
     gm.recompile()
     return taps

@@ -66,7 +66,7 @@ def test_guided_gradcam_takes_one_run_and_the_same_map(exports) -> None:
     x = np.random.default_rng(5).standard_normal((4, 3, 24, 24)).astype(np.float32)
     targets = [TopK(2), [1], [0, 3], TopK(1)]
     calls: list[str] = []
-    run, run_extra = session.run, session.run_extra
+    run, run_extra, manifest = session.run, session.run_extra, session.manifest
     session.run = lambda *a, **k: calls.append("main") or run(*a, **k)  # type: ignore[method-assign]
     session.run_extra = lambda name, *a, **k: calls.append(name) or run_extra(name, *a, **k)  # type: ignore[method-assign]
     try:
@@ -80,6 +80,7 @@ def test_guided_gradcam_takes_one_run_and_the_same_map(exports) -> None:
         assert calls == ["main", "guided"]
     finally:
         del session.run, session.run_extra
+        session.manifest = manifest
     assert one.classes == two.classes
     for method in ("guidedgradcam", "guidedbackprop"):
         for a, b in zip(one.cams[method], two.cams[method]):
@@ -102,4 +103,7 @@ def test_taps_sit_after_the_layers_output_and_relu_order() -> None:
     assert guided_taps.relu_free_after(gm, [tap], x)
     gm_relu = fx.symbolic_trace(_net(relu_head=True))
     assert not guided_taps.relu_free_after(gm_relu, guided_taps.tap_outputs(gm_relu, ["3"]), x)
-    assert guided_taps.tap_outputs(fx.symbolic_trace(net), ["no_such_layer"]) is None
+    untouched = fx.symbolic_trace(net)
+    code = untouched.code
+    assert guided_taps.tap_outputs(untouched, ["3", "no_such_layer"]) is None
+    assert untouched.code == code and not any(n.op == "call_module" and "tap" in n.target for n in untouched.graph.nodes)

@@ -337,8 +337,9 @@ def _raw_cams(
     num_classes: int,
     size: tuple[int, int],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Raw per-layer maps of one method with their signal ratios: ``([R, h, w], [R])`` per
-    layer (``[U, h, w]``, ``[U]`` for activation-only)."""
+    """Raw per-layer maps of a method that needs more runs than the main graph's (FinerCAM,
+    ShapleyCAM, FullGrad, ScoreCAM, AblationCAM) with their signal ratios: ``([R, h, w], [R])``
+    per layer. Methods over the main graph's arrays alone go through :func:`_array_cams`."""
     smooth = eigen_smooth and spec.eigen_smooth
     if spec.source == "finer":
         cotangent = finer_cotangent(row_logits, row_class)
