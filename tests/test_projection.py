@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from camserve.cam import lapack, parallel
-from camserve.cam.projection import first_component
+from camserve.cam.projection import _lower_factor, first_component
 
 RNG = np.random.default_rng(16)
 
@@ -40,6 +40,68 @@ def test_first_component_is_numpys_on_any_thread_count(shape: tuple[int, ...]) -
     np.testing.assert_allclose(one, ref, atol=1e-5 * np.abs(ref).max())
 
 
+def _relu_maps(shape: tuple[int, ...], dominant: bool) -> np.ndarray:
+    """ReLU'd Gaussian maps, with or without one strong direction (a real CAM's case)."""
+    a = RNG.standard_normal(shape, dtype=np.float32)
+    if dominant:
+        c, h, w = shape
+        a += 3 * np.outer(RNG.standard_normal(c), RNG.standard_normal(h * w)).reshape(shape).astype(np.float32)
+    return np.maximum(a, 0)
+
+
+@pytest.mark.parametrize("shape, count", [((2048, 7, 7), 12), ((768, 14, 14), 12), ((512, 4, 4), 40)])
+def test_first_component_keeps_numpys_sign_on_many_samples(shape: tuple[int, ...], count: int) -> None:
+    """The Gram/Cholesky factor gives numpy's sign, also on data with no dominant direction
+    (where the sign can hang on the tiny last pivot: a shifted Gram matrix flipped some)."""
+    maps = np.stack([_relu_maps(shape, dominant=bool(k % 2)) for k in range(count)])
+    ref = _oracle(maps)
+    got = first_component(maps)
+    assert [float((g * r).sum()) > 0 for g, r in zip(got, ref)] == [True] * count
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_lower_factor_is_the_qr_factor_with_positive_columns() -> None:
+    """Every entry of the QR's ``L`` (signs made positive), the tiny last pivot included;
+    the QR itself where the Gram matrix is not positive definite."""
+    a = _relu_maps((768, 14, 14), dominant=False).reshape(768, 196)
+    centred = np.empty((196, 768))
+    np.subtract(a.T, a.T.mean(axis=0, keepdims=True), out=centred, dtype=np.float32)
+    qr = lapack.lq_lower(np.asfortranarray(centred.T.copy()))
+    qr = qr * np.sign(np.diag(qr))
+    lower = _lower_factor(centred.copy())
+    assert lower.flags.f_contiguous and not np.triu(lower, 1).any()
+    assert 0 < qr[-1, -1] < 1e-5 * qr[0, 0]  # float32 centring leaves a residue, not a zero
+    assert lower[-1, -1] == pytest.approx(qr[-1, -1], rel=1e-6)
+    np.testing.assert_allclose(lower, qr, rtol=0, atol=1e-9 * qr[0, 0])
+    # two equal positions: not positive definite below the last pivot -> the QR, unchanged
+    twin = centred.copy()
+    twin[1] = twin[0]
+    expected = lapack.lq_lower(np.asfortranarray(twin.T.copy()))
+    np.testing.assert_array_equal(_lower_factor(twin), expected)
+    assert not _lower_factor(np.zeros((49, 100))).any()
+
+
+def test_first_component_with_equal_positions_and_zero_samples() -> None:
+    maps = _relu_maps((1024, 7, 7), dominant=True)[None].repeat(3, axis=0)
+    maps[1, :, 0, :2] = 0  # two positions equal
+    maps[2] = 0
+    got = first_component(maps)
+    ref = _oracle(maps)
+    assert float((got[0] * ref[0]).sum()) > 0 and float((got[1] * ref[1]).sum()) > 0
+    np.testing.assert_allclose(got[:2], ref[:2], atol=1e-5 * np.abs(ref).max())
+    assert not got[2].any()
+
+
+def test_cholesky_lower() -> None:
+    x = RNG.standard_normal((6, 20))
+    lower = lapack.cholesky_lower(np.asfortranarray(x @ x.T))
+    np.testing.assert_allclose(lower @ lower.T, x @ x.T, rtol=1e-12, atol=1e-12)
+    assert not np.triu(lower, 1).any() and (np.diag(lower) > 0).all()
+    assert lapack.cholesky_lower(np.asfortranarray(-np.eye(3))) is None
+    with pytest.raises(ValueError, match="square"):
+        lapack.cholesky_lower(np.asfortranarray(np.ones((2, 3))))
+
+
 def test_lq_lower_is_lapacks_factor() -> None:
     x = RNG.standard_normal((49, 300))
     lower = lapack.lq_lower(x.T.copy(order="F"))  # overwritten: x.T itself is Fortran-ordered x
@@ -56,12 +118,16 @@ def test_lq_lower_is_lapacks_factor() -> None:
 
 
 def test_first_singular_is_numpys_with_its_sign() -> None:
-    for n in (1, 5, 49, 196):
-        a = RNG.standard_normal((n, n))
-        u, s, _ = np.linalg.svd(a)
-        u1, s1 = lapack.first_singular(a.copy(order="F"))
-        assert s1 == pytest.approx(s[0], rel=1e-12)
-        np.testing.assert_allclose(u1, u[:, 0], atol=1e-10)
+    for n in (1, 5, 26, 49, 196):
+        for a in (RNG.standard_normal((n, n)), np.tril(RNG.standard_normal((n, n))), RNG.standard_normal((n, n)) * 1e-120):
+            u, s, _ = np.linalg.svd(a)
+            u1, s1 = lapack.first_singular(a.copy(order="F"))
+            assert s1 == pytest.approx(s[0], rel=1e-12)
+            np.testing.assert_allclose(u1, u[:, 0], atol=1e-10)
+            g1, t1 = lapack._first_singular_gesdd(a.copy(order="F"))  # dgesdd itself: the same bits but dormbr's
+            assert t1 == s1
+            np.testing.assert_allclose(u1, g1, rtol=0, atol=1e-13)
+    assert lapack.first_singular(np.zeros((3, 3), order="F"))[1] == 0.0
     with pytest.raises(ValueError, match="square"):
         lapack.first_singular(np.asfortranarray(RNG.standard_normal((3, 4))))
     bad = np.asfortranarray(RNG.standard_normal((4, 4)))

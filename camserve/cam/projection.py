@@ -13,7 +13,8 @@ centred per channel (column means removed); NaNs are read as 0.
 
 Narrow features (``C < 11/6 h*w``) and the kernel PCA are batched: one ``np.linalg.svd`` /
 ``np.linalg.eigh`` call on stacked matrices. Wide features (every CNN's last layer, ViT's
-tokens) take two LAPACK calls per sample, on the session's threads.
+tokens) take a Cholesky factorization of the Gram matrix and the first vector of its
+factor's SVD per sample, on the session's threads.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def first_component(maps: np.ndarray) -> np.ndarray:
 
     ``X v_1 = s_1 u_1``, so only ``U`` and ``S`` are needed. When ``X`` is much wider than
     tall (``C >= 11/6 h*w``, e.g. [49, 2048] or [196, 768]) numpy's ``gesdd`` first factors
-    ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``; we make those two
-    steps ourselves (:mod:`camserve.cam.lapack`: ``L = R^T`` from the QR of ``X^T``, then
-    ``dgesdd`` of ``L``), which gives the same ``U``
-    including its sign at a fraction of the cost (no ``[C, C]`` right factor is formed),
-    one sample per job on the session's threads (:mod:`camserve.cam.parallel`).
-    LAPACK's sign is a discontinuous function of the input: last-bit differences (ONNX
-    Runtime vs PyTorch activations) can flip it where a Householder pivot is near zero, and
-    it must be computed in float64 as numpy does (a float32 factorization flips it often).
+    ``X = L Q`` and takes ``U`` from the SVD of the small square ``L``. We get that ``L`` from
+    the Cholesky factor of the Gram matrix ``X X^T`` (:func:`_lower_factor`) and take ``u_1``
+    from ``L`` by ``dgesdd``'s own steps (:func:`camserve.cam.lapack.first_singular`), one
+    sample per job on the session's threads (:mod:`camserve.cam.parallel`).
+
+    Why the sign is numpy's: ``dgesdd``'s ``u_1`` of ``L`` does not change when columns of
+    ``L`` change sign (the bidiagonalization carries the signs through exactly), and the
+    factor here is the QR's ``L`` with its columns' signs made positive, up to rounding,
+    the last pivot included (see :func:`_lower_factor`). The sign has to be computed in
+    float64 (a float32 SVD flips it often), and on data with no dominant direction it can
+    hang on that last, tiny pivot: an approximate one (a Cholesky factor of the Gram matrix
+    shifted by 1e-10 of its mean eigenvalue) flipped one sign in 9 random samples.
     """
     n, c, h, w = maps.shape
     positions = h * w
@@ -72,15 +77,54 @@ def first_component(maps: np.ndarray) -> np.ndarray:
     out = np.empty((n, positions), np.float32)
 
     def project(i: int) -> None:
-        # X^T [C, h*w] Fortran-ordered is X [h*w, C] C-ordered: centred, in float64, in one
-        # pass (computed in float32, as the oracle, stored as float64), in the job's thread
+        # X [h*w, C] C-ordered: centred in float32 as the oracle, stored as float64, in the
+        # job's thread
         centred = np.empty((positions, c), np.float64)
         np.subtract(x[i].T, mean[i].T, out=centred, dtype=np.float32)
-        u, s = lapack.first_singular(lapack.lq_lower(centred.T))
+        u, s = lapack.first_singular(_lower_factor(centred))
         out[i] = u * s
 
     parallel.for_each(project, n)
     return out.reshape(n, h, w)
+
+
+#: Squared Cholesky pivots below this share of the largest squared position norm are read
+#: as rounding: the QR is taken instead (see :func:`_lower_factor`).
+PIVOT_FLOOR = 1e-8
+
+
+def _lower_factor(centred: np.ndarray) -> np.ndarray:
+    """``L`` (lower triangular, Fortran-ordered) with ``L L^T = X X^T`` for the ``[h*w, C]``
+    float64 centred ``X``: the QR's ``L`` up to its columns' signs, at a third of its cost.
+
+    Centring makes ``X X^T`` singular in exact arithmetic (``X^T 1 = 0``); in float32 the
+    positions sum to a residue ``r = X^T 1`` of about 1e-7 of their scale, and the last
+    pivot of ``L`` is that residue's distance from the other positions' span (the last
+    position is ``r`` minus the others). A float64 Gram matrix holds that pivot at the level
+    of its own rounding, and LAPACK's sign can depend on it, so the Cholesky factor of the
+    Gram matrix gives every entry but that one, which is computed from ``r`` directly:
+    ``L_pp^2 = |r|^2 - |L_11^-1 X_1 r|^2`` (``X_1``: the other positions), with no
+    cancellation (``r`` is noise, mostly outside a span of h*w - 1 vectors in C >= 11/6 h*w
+    dimensions). Where the other positions are nearly dependent (a pivot below 1e-4 of the
+    longest position: equal positions, for one) or an entry is not finite, the QR of ``X^T``
+    itself."""
+    positions = len(centred)
+    gram = centred @ centred.T
+    scale = float(np.trace(gram))
+    if positions > 1 and 0 < scale < np.inf:
+        norm2 = float(gram.diagonal().max())
+        gram[-1, -1] += scale  # any positive pivot: it is replaced below
+        lower = lapack.cholesky_lower(np.asfortranarray(gram))
+        # a pivot within 1e-4 of the longest position's norm is the Gram matrix's rounding
+        # (equal positions; 1e-8 of its square, 1e-6 relative error at C = 2048) -> the QR
+        if lower is not None and float(lower.diagonal()[:-1].min()) ** 2 > PIVOT_FLOOR * norm2:
+            from scipy.linalg import blas  # a runtime dependency, imported where used (as in lapack)
+
+            residue = centred.sum(axis=0)
+            inside = blas.dtrsv(lower[:-1, :-1], centred[:-1] @ residue, lower=1)
+            lower[-1, -1] = np.sqrt(max(float(residue @ residue - inside @ inside), 0.0))
+            return lower
+    return lapack.lq_lower(np.asfortranarray(centred.T))
 
 
 def kernel_first_component(maps: np.ndarray) -> np.ndarray:
