@@ -18,6 +18,7 @@ import torch
 
 from camserve.errors import ExportError
 from camserve.export.lowering import skip_redundant_decomposition
+from camserve.export.one_hot import shortcut_one_hot
 
 OPSET = 20
 
@@ -67,7 +68,7 @@ def export_graph(
         except Exception as exc:  # the exporter raises many types; name the op at fault
             raise ExportError(f"ONNX export failed: {_first_line_naming_op(exc)}") from exc
     model = program.model_proto
-    model = strip_weight_expands(model)
+    model = shortcut_one_hot(strip_weight_expands(model))
     onnx.save_model(model, str(path))
     return model
 

@@ -1,0 +1,91 @@
+"""The exported graph's one-hot shortcuts (camserve.export.one_hot): a ranked target's
+classifier gradient is a row of the weight, and the logits' sort stops at the deepest rank,
+with the same outputs, bit for bit, as the product and the full sort."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from camserve.export import export_model
+from camserve.export.one_hot import shortcut_one_hot
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = _Net().eval()
+    out = tmp_path_factory.mktemp("one_hot")
+    export_model(model, ["stem"], out, input_size=16, model_name="n")
+    return model, out
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray, cot: np.ndarray, ranks: list[int]) -> list[np.ndarray]:
+    return session.run(None, {"image": x, "cotangent": cot, "target_rank": np.array(ranks, np.int64)})
+
+
+def test_graphs_gather_the_ranked_rows_and_sort_no_deeper_than_asked(exported) -> None:
+    _, out = exported
+    graph = onnx.load(str(out / "model.onnx")).graph  # the extras read the cotangent through a Mul: unchanged
+    producers = {o: n for n in graph.node for o in n.output}
+    (branch,) = [n for n in graph.node if n.op_type == "If"]
+    branches = {a.name: onnx.helper.get_attribute_value(a) for a in branch.attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["Constant", "Reshape", "Gather"]
+    assert [n.op_type for n in branches["else_branch"].node] == ["MatMul"]
+    (topk,) = [n for n in graph.node if n.op_type == "TopK"]
+    assert producers[topk.input[1]].op_type == "Min"
+    assert not any(n.op_type == "MatMul" and "where" in n.input[0] for n in graph.node)
+    ops = [n.op_type for n in graph.node]
+    again = shortcut_one_hot(onnx.load(str(out / "model.onnx")))  # nothing left to rewrite
+    assert [n.op_type for n in again.graph.node] == ops
+
+
+def test_ranked_rows_match_torch_and_the_explicit_one_hot_bit_for_bit(exported) -> None:
+    model, out = exported
+    session = _session(out / "model.onnx")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    free = rng.standard_normal((4, 6)).astype(np.float32)
+    ranks = [0, 5, -1, 2]  # top-1, the last class, a cotangent of the client's, top-3
+    logits, acts, grads = _run(session, x, free, ranks)
+
+    xt = torch.from_numpy(x)
+    feats = model.stem(xt).detach().requires_grad_(True)
+    ref_logits = model.head(feats)
+    order = ref_logits.detach().argsort(dim=1, descending=True)
+    cot = torch.from_numpy(free.copy())
+    for row, rank in enumerate(ranks):
+        if rank >= 0:
+            cot[row] = 0
+            cot[row, order[row, rank]] = 1
+    (ref,) = torch.autograd.grad(ref_logits, feats, cot)
+    np.testing.assert_allclose(logits, ref_logits.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads, ref.numpy(), rtol=1e-4, atol=1e-6)
+
+    # every row ranked (the Gather branch) against the same one-hot rows given explicitly (the
+    # MatMul branch, with the full sort's classes): the same bits
+    ranked = [1, 0, 4, 3]
+    _, _, gathered = _run(session, x, free, ranked)
+    one_hot = np.zeros_like(free)
+    one_hot[np.arange(4), np.argsort(-logits, axis=1, kind="stable")[np.arange(4), ranked]] = 1
+    _, _, product = _run(session, x, one_hot, [-1] * 4)
+    np.testing.assert_array_equal(gathered, product)
+    assert np.abs(gathered).max() > 0
