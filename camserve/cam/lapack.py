@@ -3,11 +3,12 @@
 ``scipy.linalg.cython_lapack`` exports every LAPACK routine of scipy's own OpenBLAS as a C
 function pointer; this module calls some of them with :mod:`ctypes`:
 
-* ``dpotrf``: the Cholesky factor ``L`` of a (lightly shifted) Gram matrix ``X X^T``: the
-  ``L`` of ``X = L Q`` up to the signs of its columns, at a quarter of a QR's cost;
+* ``dpotrf``: the Cholesky factor of a Gram matrix ``X X^T``, which is the ``L`` of
+  ``X = L Q`` up to the signs of its columns, at a third of a QR's cost (its last pivot
+  needs care: :func:`camserve.cam.projection._lower_factor`);
 * ``dgeqrf``: ``X = L Q`` of a wide ``[m, n]`` matrix (m <= n) by Householder QR, the
-  first step numpy's ``dgesdd`` takes on such a matrix (kept for Gram matrices that are
-  not positive definite even when shifted);
+  first step numpy's ``dgesdd`` takes on such a matrix (kept where the Cholesky factor
+  cannot give ``L``: nearly dependent rows, non-finite entries);
 * ``dgebrd`` + ``dbdsdc`` + ``dormbr``: the first left singular vector of a square ``L``
   as ``dgesdd`` (``JOBZ='S'``) computes it: the same bidiagonal, the same bidiagonal SVD,
   hence the same vector *with the same sign*, without forming the rest of ``U`` and ``V^T``
