@@ -41,7 +41,7 @@ def shortcut_one_hot(model: onnx.ModelProto) -> onnx.ModelProto:
         for matmul in consumers.get(where.output[0], []):
             if matmul.op_type == "MatMul" and matmul.input[0] == where.output[0] and _constant_2d(matmul.input[1], graph, producers):
                 _gather_if_ranked(graph, matmul, ranked, classes)
-        if topk is not None and not topk.input[1].endswith("__k") and _only_ranked_reads(topk, consumers):
+        if topk is not None and not topk.input[1].endswith("__k") and _only_ranked_reads(topk, consumers, producers):
             _shallow_sort(graph, topk)
     return model
 
@@ -78,14 +78,24 @@ def _constant_2d(name: str, graph: onnx.GraphProto, producers: dict[str, onnx.No
     return name in inits and len(inits[name].dims) == 2
 
 
-def _only_ranked_reads(topk: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]]) -> bool:
+def _only_ranked_reads(topk: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]],
+                       producers: dict[str, onnx.NodeProto]) -> bool:
     """Whether the sort's values are unread and its indices are read only at a clipped rank
-    (``GatherElements`` with ``Unsqueeze(Clip(target_rank, 0))`` indices): then a shorter
+    (``GatherElements`` with ``Unsqueeze(Clip(target_rank, ...))`` indices): then a shorter
     sort gives every read entry."""
     if consumers.get(topk.output[0]):
         return False
     readers = consumers.get(topk.output[1], [])
-    return bool(readers) and all(r.op_type == "GatherElements" and r.input[0] == topk.output[1] for r in readers)
+    return bool(readers) and all(r.op_type == "GatherElements" and r.input[0] == topk.output[1]
+                                 and _clipped_rank(r.input[1], producers) for r in readers)
+
+
+def _clipped_rank(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether ``name`` is ``Unsqueeze(Clip(target_rank, ...))``: never above ``max(target_rank)``
+    where ``max(target_rank) >= 0``, else 0."""
+    unsqueeze = producers.get(name)
+    clip = producers.get(unsqueeze.input[0]) if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" else None
+    return clip is not None and clip.op_type == "Clip" and clip.input[0] == "target_rank"
 
 
 def _node(graph_nodes: list[onnx.NodeProto], op: str, inputs: list[str], output: str, **attrs: object) -> str:
