@@ -102,6 +102,18 @@ def test_cholesky_lower() -> None:
         lapack.cholesky_lower(np.asfortranarray(np.ones((2, 3))))
 
 
+def test_solve_lower_uses_the_leading_block_in_place() -> None:
+    a = np.asfortranarray(np.tril(RNG.standard_normal((5, 5))) + 4 * np.eye(5))
+    a[4, :] = np.nan  # outside the leading 4 x 4 block: never read
+    x = RNG.standard_normal(4)
+    expected = np.linalg.solve(a[:4, :4], x)
+    out = lapack.solve_lower(a, x, 4)
+    assert out is x
+    np.testing.assert_allclose(x, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="right-hand side"):
+        lapack.solve_lower(a, np.ones(3), 4)
+
+
 def test_lq_lower_is_lapacks_factor() -> None:
     x = RNG.standard_normal((49, 300))
     lower = lapack.lq_lower(x.T.copy(order="F"))  # overwritten: x.T itself is Fortran-ordered x

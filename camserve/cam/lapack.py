@@ -3,7 +3,7 @@
 ``scipy.linalg.cython_lapack`` exports every LAPACK routine of scipy's own OpenBLAS as a C
 function pointer; this module calls some of them with :mod:`ctypes`:
 
-* ``dpotrf``: the Cholesky factor of a Gram matrix ``X X^T``, which is the ``L`` of
+* ``dpotrf`` (and BLAS's ``dtrsv`` for a solve with it): the Cholesky factor of a Gram matrix ``X X^T``, which is the ``L`` of
   ``X = L Q`` up to the signs of its columns, at a third of a QR's cost (its last pivot
   needs care: :func:`camserve.cam.projection._lower_factor`);
 * ``dgeqrf``: ``X = L Q`` of a wide ``[m, n]`` matrix (m <= n) by Householder QR, the
@@ -32,11 +32,12 @@ _Int = ctypes.c_int
 
 
 @functools.cache
-def _routine(name: str, nargs: int) -> Callable[..., None]:
-    """LAPACK's ``name`` (every argument a pointer, Fortran style) from scipy's capsule."""
-    from scipy.linalg import cython_lapack  # scipy is a runtime dependency; imported where used
+def _routine(name: str, nargs: int, library: str = "lapack") -> Callable[..., None]:
+    """LAPACK's (or with ``library="blas"`` BLAS's) ``name`` (every argument a pointer,
+    Fortran style) from scipy's capsule."""
+    from scipy.linalg import cython_blas, cython_lapack  # scipy is a runtime dependency; imported where used
 
-    capsule = cython_lapack.__pyx_capi__[name]
+    capsule = (cython_blas if library == "blas" else cython_lapack).__pyx_capi__[name]
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
@@ -103,7 +104,26 @@ def cholesky_lower(g: np.ndarray) -> np.ndarray | None:
     if info.value > 0:
         return None
     _check(info, "dpotrf", g.shape)
-    return np.asfortranarray(np.tril(g))
+    np.copyto(g, 0.0, where=_strict_upper(n))  # one call: np.tril took 80 us after a graph run
+    return g
+
+
+@functools.lru_cache(maxsize=8)
+def _strict_upper(n: int) -> np.ndarray:
+    return np.asfortranarray(np.triu(np.ones((n, n), bool), 1))
+
+
+def solve_lower(a: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
+    """``x <- L^-1 x`` for the leading ``n x n`` block ``L`` of the lower triangular,
+    Fortran-ordered ``a`` (``dtrsv``, in place, without copying the block out); returns ``x``."""
+    _fortran_f64(a, "solve_lower")
+    if x.dtype != np.float64 or x.shape != (n,) or not x.flags.c_contiguous or not 0 <= n <= min(a.shape):
+        raise ValueError(f"solve_lower needs a contiguous float64 [{n}] right-hand side within {list(a.shape)}, "
+                         f"got {x.dtype} {list(x.shape)}")
+    if n:
+        _routine("dtrsv", 8, "blas")(ctypes.c_char_p(b"L"), ctypes.c_char_p(b"N"), ctypes.c_char_p(b"N"), _ref(n), _ptr(a),
+                                     _ref(a.shape[0]), _ptr(x), _ref(1))
+    return x
 
 
 #: Optimal workspace sizes by (routine, dimensions): a size depends on the dimensions alone

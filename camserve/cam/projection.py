@@ -19,6 +19,8 @@ factor's SVD per sample, on the session's threads.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from camserve.cam import lapack, parallel
@@ -109,20 +111,18 @@ def _lower_factor(centred: np.ndarray) -> np.ndarray:
     longest position: equal positions, for one) or an entry is not finite, the QR of ``X^T``
     itself."""
     positions = len(centred)
-    gram = centred @ centred.T
+    gram = centred @ centred.T  # symmetric (numpy's syrk fills both triangles): its .T is it in Fortran order
     scale = float(np.trace(gram))
     if positions > 1 and 0 < scale < np.inf:
         norm2 = float(gram.diagonal().max())
         gram[-1, -1] += scale  # any positive pivot: it is replaced below
-        lower = lapack.cholesky_lower(np.asfortranarray(gram))
+        lower = lapack.cholesky_lower(gram.T)
         # a pivot within 1e-4 of the longest position's norm is the Gram matrix's rounding
         # (equal positions; 1e-8 of its square, 1e-6 relative error at C = 2048) -> the QR
         if lower is not None and float(lower.diagonal()[:-1].min()) ** 2 > PIVOT_FLOOR * norm2:
-            from scipy.linalg import blas  # a runtime dependency, imported where used (as in lapack)
-
             residue = centred.sum(axis=0)
-            inside = blas.dtrsv(lower[:-1, :-1], centred[:-1] @ residue, lower=1)
-            lower[-1, -1] = np.sqrt(max(float(residue @ residue - inside @ inside), 0.0))
+            inside = lapack.solve_lower(lower, centred[:-1] @ residue, positions - 1)
+            lower[-1, -1] = math.sqrt(max(float(residue @ residue - inside @ inside), 0.0))
             return lower
     return lapack.lq_lower(np.asfortranarray(centred.T))
 
