@@ -5,11 +5,12 @@ Every function takes CAMs the way the CAM core returns them: ``float32`` of shap
 batch); only the final encoders run once per map, because each map becomes its own byte
 string. ``python -m camserve.pipeline.render`` prints the cost of each form per 224 x 224 map.
 
-PNG settings, chosen by measurement (``measure()``; 224 x 224 maps, 2-core box): zlib level
-1 with the fixed SUB row filter. CAMs are smooth, so SUB turns each row into small deltas
-that level 1 already packs well: ~0.5 ms and ~9 KB per map, against ~1 ms / 12 KB for
-level 1 with libpng's adaptive filter choice, ~3 ms / 9 KB for level 6 and ~20 ms for
-level 9. On the request path CPU is scarce and loopback bytes are cheap, so faster wins.
+PNG settings, chosen by measurement (``measure()``; 224 x 224 maps, 2-core box): deflate
+level 1 with the fixed SUB row filter. CAMs are smooth, so SUB turns each row into small
+deltas that level 1 already packs well: with zlib ~0.5 ms and ~9 KB per map, against ~1 ms /
+12 KB for level 1 with libpng's adaptive filter choice, ~3 ms / 9 KB for level 6 and ~20 ms
+for level 9; ISA-L's level 1 (:mod:`camserve.pipeline.png`) then cut it to ~0.06 ms and
+~7.5 KB. On the request path CPU is scarce and loopback bytes are cheap, so faster wins.
 Overlays are photographs plus colour: PNG costs ~3.5 ms and ~100 KB per map there, JPEG
 (quality 90) ~0.2 ms and ~14 KB, hence JPEG is the overlay default.
 """
@@ -25,11 +26,12 @@ import cv2
 import numpy as np
 
 from camserve.cam import parallel
+from camserve.pipeline import png
 from camserve.errors import InputError
 
-#: zlib level and row filter for PNGs written on the request path (see the module docstring).
+#: Deflate level of PNGs written on the request path (see the module docstring; rows are
+#: SUB-filtered: :mod:`camserve.pipeline.png`).
 PNG_COMPRESSION = 1
-PNG_FILTER = cv2.IMWRITE_PNG_FILTER_SUB
 #: Values this far outside [0, 1] are float noise (resize, normalization) and are clipped.
 RANGE_TOLERANCE = 1e-5
 #: Share of the total mass that the summary's "top set" must reach.
@@ -93,15 +95,10 @@ def to_uint8(cams: np.ndarray) -> np.ndarray:
 
 def encode_png(image: np.ndarray, compression: int = PNG_COMPRESSION) -> bytes:
     """PNG bytes of a uint8 image: ``H x W`` grayscale or ``H x W x 3`` RGB."""
-    if not 0 <= compression <= 9:
-        raise InputError(f"PNG compression must be in 0..9, got {compression}")
-    if image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression), cv2.IMWRITE_PNG_FILTER, PNG_FILTER]
-    ok, buf = cv2.imencode(".png", image, params)
-    if not ok:  # pragma: no cover - OpenCV only fails on unsupported depths, checked above
-        raise InputError(f"PNG encoding failed for an image of shape {list(image.shape)}")
-    return buf.tobytes()
+    try:
+        return png.encode(np.ascontiguousarray(image), int(compression))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
