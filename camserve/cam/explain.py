@@ -89,7 +89,7 @@ class _Runs:
     def extra(self, name: str, rows: Rows, num_classes: int) -> dict[str, np.ndarray]:
         """Extra graph ``name`` over the rows (run once per explanation; both guided methods share it)."""
         if name not in self._extras:
-            self._extras[name] = self.call(self.session.run_extra, name, self.images[rows.image], rows.one_hot(num_classes),
+            self._extras[name] = self.call(self.session.run_extra, name, rows.take(self.images), rows.one_hot(num_classes),
                                            target_rank=rows.rank)
         return self._extras[name]
 
@@ -121,8 +121,8 @@ class _Runs:
         graph's ``target_rank`` input for ranked ones (every exported graph has it);
         ``regions [N, H, W]`` per image: a segmentation graph's client masks."""
         if regions is None:
-            return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank)
-        return self.call(self.session.run, self.images[rows.image], rows.one_hot(num_classes), target_rank=rows.rank,
+            return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
+        return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank,
                          region=regions[rows.image])
 
 
@@ -195,10 +195,7 @@ def explain(
         raise InputError("aug_smooth is not defined for guidedbackprop, guidedgradcam and dff (pictures and concepts)")
     copies = len(AUGMENTATIONS) if aug_smooth else 1
     runs = _Runs(session, augment(images) if aug_smooth else images)
-    all_rows = rows.repeat(copies)
-    u = n * copies
-
-    first = np.searchsorted(all_rows.image, np.arange(u))  # rows are sorted by image
+    all_rows = rows.repeat(copies) if copies > 1 else rows
     # Guided Grad-CAM takes GradCAM's arrays from the guided graph where it answers them (no
     # nn.ReLU after the target layers: camserve.export.guided_taps) instead of a main run.
     guided_arrays = (score == "logit" and not embedding and not segmentation
@@ -208,36 +205,36 @@ def explain(
         if (all_rows.cls < 0).any():
             raise InputError("an embedding model's targets are concept indices, not top-k ranks")
         row_class = all_rows.cls
-        out = runs.call(session.run, runs.images[all_rows.image], np.asarray(concepts, dtype=np.float32)[row_class],
+        out = runs.call(session.run, all_rows.take(runs.images), np.asarray(concepts, dtype=np.float32)[row_class],
                         target_rank=np.full(len(all_rows), COSINE_RANK, dtype=np.int64))
-        logits_u, acts_u = out.logits[first], [_first_rows(a, first) for a in out.activations]
-        row_logits = logits_u[all_rows.image]
+        logits_u, acts_u = all_rows.first_of_each(out.logits), [all_rows.first_of_each(a) for a in out.activations]
+        row_logits = all_rows.take(logits_u)
     elif score != "logit":
         # the cotangent depends on the logits: a forward first, then one run with it
         logits_u = runs.forward_logits()
-        row_logits = logits_u[all_rows.image]
+        row_logits = all_rows.take(logits_u)
         row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
         cotangent = score_cotangent(score, row_logits, row_class)
-        out = runs.call(session.run, runs.images[all_rows.image], cotangent)
-        acts_u = [_first_rows(a, first) for a in out.activations]
+        out = runs.call(session.run, all_rows.take(runs.images), cotangent)
+        acts_u = [all_rows.first_of_each(a) for a in out.activations]
     elif any(s.main_gradients and not (guided_arrays and s.name == "guidedgradcam") for s in specs):
         out = runs.targets(all_rows, k, regions)
-        logits_u = out.logits[first]
-        acts_u = [_first_rows(a, first) for a in out.activations]
+        logits_u = all_rows.first_of_each(out.logits)
+        acts_u = [all_rows.first_of_each(a) for a in out.activations]
     elif all(s.extra for s in specs):
         # only extra-graph methods: the first one's run over the rows gives the logits too,
         # so the main graph does not run at all
         out, acts_u = None, []
-        logits_u = runs.extra(specs[0].extra, all_rows, k)["logits"][first]
+        logits_u = all_rows.first_of_each(runs.extra(specs[0].extra, all_rows, k)["logits"])
     else:
         out = runs.forward()
         logits_u, acts_u = out.logits, out.activations
     if segmentation:  # a class's score is its predicted area; ranked targets follow it (as the graph does)
         logits_u = np.asarray(logits_u)
-        row_logits = class_areas(logits_u)[all_rows.image]
+        row_logits = all_rows.take(class_areas(logits_u))
         row_class = all_rows.resolve(row_logits)
     elif score == "logit" and not embedding:
-        row_logits = logits_u[all_rows.image]
+        row_logits = all_rows.take(logits_u)
         row_class = all_rows.resolve(row_logits)
 
     cams: dict[str, list[np.ndarray]] = {}
@@ -245,7 +242,6 @@ def explain(
     pictures: dict[str, list[np.ndarray]] = {}
     concepts: list[dict[str, np.ndarray]] = []
     timings: dict[str, float] = {}
-    splits = np.cumsum(rows.counts)[:-1]
     for spec in specs:
         method_start, inference_before = time.perf_counter(), runs.seconds
         if spec.source == "dff":
@@ -266,7 +262,7 @@ def explain(
                 cam = _array_cams(get_method("gradcam"), arrays, acts_u, layers, eigen_smooth, size)[0]
             gb = runs.extra("guided", all_rows, k)["guided"]
             picture, result = guided_pictures(gb, cam)
-            pictures[spec.name] = np.split(picture, splits)
+            pictures[spec.name] = rows.split(picture)
             ratio = not_applicable(len(all_rows))
         elif spec.source in ("gradients", "activations"):
             result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
@@ -276,27 +272,18 @@ def explain(
             result = combine_layers([raw for raw, _ in per_layer], size)
             ratio = combine_ratios([r for _, r in per_layer])
         if spec.source == "activations":
-            result, ratio = result[all_rows.image], ratio[all_rows.image]
+            result, ratio = all_rows.take(result), all_rows.take(ratio)
         if aug_smooth:
             result = deaugment_mean(result)
             ratio = ratio.reshape(copies, -1).min(axis=0)  # row r copy a is at a * R + r
-        cams[spec.name] = np.split(result, splits)
-        ratios[spec.name] = np.split(ratio, splits)
+        cams[spec.name] = rows.split(result)
+        ratios[spec.name] = rows.split(ratio)
         timings[f"cam.{spec.name}"] = time.perf_counter() - method_start - (runs.seconds - inference_before)
-    classes = [c.tolist() for c in np.split(row_class[: len(rows)], splits)]
+    classes = rows.split(row_class[: len(rows)].tolist())
     timings["inference"] = runs.seconds
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
-
-
-def _first_rows(a: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """``a[first]`` (each image's first row), without the copy when every image has one row
-    (``first`` is ``0..N-1``): a gradient method's run over resnet50 at N=32 copied 12.8 MB
-    of activations that only the activation methods read."""
-    if len(first) == len(a) and (first == np.arange(len(a))).all():
-        return a
-    return a[first]
 
 
 def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:
@@ -343,7 +330,7 @@ def _raw_cams(
     smooth = eigen_smooth and spec.eigen_smooth
     if spec.source == "finer":
         cotangent = finer_cotangent(row_logits, row_class)
-        finer = runs.call(runs.session.run, runs.images[rows.image], cotangent)
+        finer = runs.call(runs.session.run, rows.take(runs.images), cotangent)
         return [_layer_map(spec, to_nchw(a, l), to_nchw(g, l), smooth) for a, g, l in zip(finer.activations, finer.gradients, layers)]
     if spec.source == "shapley":
         sh = runs.extra("shapley", rows, num_classes)
