@@ -26,15 +26,21 @@ import numpy as np
 from camserve.cam import lapack, parallel
 
 
-def _centred_positions(maps: np.ndarray) -> np.ndarray:
-    """``[N, C, h, w]`` -> ``[N, h*w, C]`` float32 with per-channel means removed, NaN -> 0."""
+def _centred_positions(maps: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``[N, C, h, w]`` -> ``[N, h*w, C]`` with per-channel means removed, NaN -> 0: computed in
+    float32 as pytorch-grad-cam does, stored as ``dtype`` in the same pass."""
     n, c, h, w = maps.shape
-    x = np.nan_to_num(maps.reshape(n, c, h * w).astype(np.float32), nan=0.0, posinf=np.inf, neginf=-np.inf)
-    # Mean over the contiguous position axis of the transposed view, as pytorch-grad-cam
-    # does per image: the same summation order gives bit-equal centred features, which
-    # matters because LAPACK's singular-vector sign can flip on last-bit differences.
+    x = maps.reshape(n, c, h * w).astype(np.float32, copy=False)
+    if x.size and math.isnan(x.max()):  # the max is NaN where any entry is: only then a copy
+        x = x.astype(np.float32, copy=True)
+        np.copyto(x, 0.0, where=np.isnan(x))
+    # Mean over the position axis of the transposed view, as pytorch-grad-cam does per image:
+    # the same summation order gives bit-equal centred features, which matters because
+    # LAPACK's singular-vector sign can flip on last-bit differences.
     x = x.transpose(0, 2, 1)
-    return np.ascontiguousarray(x - x.mean(axis=1, keepdims=True))
+    out = np.empty((n, h * w, c), dtype)
+    np.subtract(x, x.mean(axis=1, keepdims=True), out=out, dtype=np.float32)
+    return out
 
 
 def _channel_means(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -130,7 +136,7 @@ def _lower_factor(centred: np.ndarray) -> np.ndarray:
 def kernel_first_component(maps: np.ndarray) -> np.ndarray:
     """First sigmoid-kernel principal component of each sample's positions: ``[N, h, w]``."""
     n, c, h, w = maps.shape
-    x = _centred_positions(maps).astype(np.float64)
+    x = _centred_positions(maps, np.float64)
     k = np.tanh(np.matmul(x, x.transpose(0, 2, 1)) / c + 1.0)
     k = k - k.mean(axis=1, keepdims=True) - k.mean(axis=2, keepdims=True) + k.mean(axis=(1, 2), keepdims=True)
     values, vectors = np.linalg.eigh(k)
