@@ -64,9 +64,7 @@ def export_pair(name: str) -> tuple[Path, Path]:
 
 def memory_child(graph: str, threads: int, explain: bool) -> None:
     """Child process: load one session, run a few batches, print VmHWM/VmRSS in MB."""
-    import onnxruntime as ort
-
-    from camserve.pipeline.runtime import session_options
+    from camserve.pipeline.runtime import create_session, session_options
 
     def status(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -74,7 +72,7 @@ def memory_child(graph: str, threads: int, explain: bool) -> None:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    sess = ort.InferenceSession(graph, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    sess = create_session(graph, session_options(threads), ["CPUExecutionProvider"])  # as the servers load it
     load_peak = status("VmHWM")
     feeds = {"image": np.random.default_rng(0).standard_normal((8, 3, 224, 224), dtype=np.float32)}
     if explain:
@@ -85,9 +83,10 @@ def memory_child(graph: str, threads: int, explain: bool) -> None:
 
 
 def memory(graph: Path, threads: int, explain: bool, children: int = 5) -> dict[str, float]:
-    """The smallest of ``children`` fresh children's figures: a session's load peak is bimodal
-    here (the same file reads about 190 MB higher in one of every 3-5 loads, seen for the
-    explain and the forward graphs alike), and the low mode is the reproducible one."""
+    """The smallest of ``children`` fresh children's figures. Loaded as the servers load (with
+    ``camserve.pipeline.malloc.loading``) every process reads the same peak; with glibc's
+    default mmap threshold the peak moved between modes about 100 MB apart from one process
+    to the next (vit_b_32's forward 447, 537 or 636-645 MB)."""
     runs = []
     for _ in range(children):
         out = subprocess.run(
@@ -99,13 +98,11 @@ def memory(graph: Path, threads: int, explain: bool, children: int = 5) -> dict[
 
 
 def latency(route: Path, plain: Path, batch: int, threads: int, rounds: int) -> tuple[float, float]:
-    import onnxruntime as ort
-
-    from camserve.pipeline.runtime import session_options
+    from camserve.pipeline.runtime import create_session, session_options
 
     opts = session_options(threads)
-    s_route = ort.InferenceSession(str(route), sess_options=opts, providers=["CPUExecutionProvider"])
-    s_plain = ort.InferenceSession(str(plain), sess_options=opts, providers=["CPUExecutionProvider"])
+    s_route = create_session(route, opts, ["CPUExecutionProvider"])
+    s_plain = create_session(plain, opts, ["CPUExecutionProvider"])
     image = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224), dtype=np.float32)
     f_route = {"image": image, "cotangent": np.zeros((batch, 1000), np.float32), "target_rank": np.zeros(batch, np.int64)}
     f_plain = {"image": image}

@@ -53,7 +53,7 @@ class DetectionSession:
 
     def __init__(self, directory: str | Path, *, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, verify_hash: bool = True) -> None:
-        from camserve.pipeline.runtime import checked_graph, default_providers, ort, session_options
+        from camserve.pipeline.runtime import checked_graph, create_session, default_providers, session_options
 
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
@@ -62,7 +62,7 @@ class DetectionSession:
         graph = checked_graph(self.directory, self.manifest, verify_hash)
         self.providers = providers or default_providers()
         self.options = session_options(intra_op_threads)
-        self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
+        self.session = create_session(graph, self.options, self.providers)
         self.extras: dict[str, Any] = {}
 
     @property

@@ -20,6 +20,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
 
 from camserve.errors import InputError, ManifestError  # noqa: E402
+from camserve.pipeline import malloc  # noqa: E402
 from camserve.manifest import Manifest, sha256_file  # noqa: E402
 
 
@@ -34,6 +35,14 @@ def cuda_available() -> bool:
 
 def default_providers() -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_available() else ["CPUExecutionProvider"]
+
+
+def create_session(model: str | Path | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """An ONNX Runtime session over a graph file (or its bytes), loaded with large buffers
+    mapped on their own (:func:`camserve.pipeline.malloc.loading`): the load peak is the live
+    maximum, the same in every process."""
+    with malloc.loading():
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
 
 
 def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
@@ -94,8 +103,8 @@ def load_forward(directory: Path, manifest: Manifest, options: ort.SessionOption
             raise ManifestError(f"forward graph {path} named by the manifest does not exist")
         if verify_hash and manifest.forward_graph_sha256 and sha256_file(path) != manifest.forward_graph_sha256:
             raise ManifestError(f"forward graph {path} does not match the manifest's sha256 (corrupted or replaced)")
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    return ort.InferenceSession(forward_model_bytes(directory / manifest.graph_file), sess_options=options, providers=providers)
+        return create_session(path, options, providers)
+    return create_session(forward_model_bytes(directory / manifest.graph_file), options, providers)
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,7 @@ class GraphSession:
         graph = checked_graph(self.directory, self.manifest, verify_hash)
         self.providers = providers or default_providers()
         self.options = session_options(intra_op_threads)
-        self.session = ort.InferenceSession(str(graph), sess_options=self.options, providers=self.providers)
+        self.session = create_session(graph, self.options, self.providers)
         self._layer_count = len(self.manifest.target_layers)
         #: segmentation graphs exported since client masks: a ``region [N, 1, H, W]`` input
         self.has_region = "region" in {i.name for i in self.session.get_inputs()}
@@ -139,7 +148,7 @@ class GraphSession:
                 raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
             options = extra_session_options(intra_op_threads, entry.get("ort_level", "basic"),
                                             bool(entry.get("ort_prepacking", True)))
-            self.extras[name] = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            self.extras[name] = create_session(path, options, self.providers)
         self._extra_outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.extras.items()}
         self._verify_hash = verify_hash
         self._forward: ort.InferenceSession | None = None
@@ -152,7 +161,7 @@ class GraphSession:
             name = self.manifest.head_graph_file
             if not name:
                 raise ManifestError("this export has no head graph (re-export with head=True for AblationCAM)")
-            self._head = ort.InferenceSession(str(self.directory / name), sess_options=self.options, providers=self.providers)
+            self._head = create_session(self.directory / name, self.options, self.providers)
         return self._head
 
     @property
