@@ -151,7 +151,7 @@ def graph_section(name, session, forward, size, batches, repeats, threads) -> li
 
 def memory_child(graph: str, threads: int) -> None:
     """Child process: load one session (or nothing: baseline), run one batch-1, print peaks in MB."""
-    from camserve.pipeline.runtime import extra_session_options, session_options
+    from camserve.pipeline.runtime import create_session, extra_session_options, session_options
 
     def peak() -> float:  # not ru_maxrss: it keeps the parent's RSS at fork (the bench's own GBs)
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -170,7 +170,7 @@ def memory_child(graph: str, threads: int) -> None:
             options = extra_session_options(threads, entry.get("ort_level", "basic"), bool(entry.get("ort_prepacking", True)))
         else:
             options = session_options(threads)
-        sess = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+        sess = create_session(graph, options, ["CPUExecutionProvider"])  # as GraphSession loads it
         out["load_mb"] = peak()
         feeds = {}
         for i in sess.get_inputs():
@@ -187,8 +187,8 @@ def memory_child(graph: str, threads: int) -> None:
 
 def memory_section(name, directory: Path, forward: Path, threads: int) -> list[str]:
     def child(graph: str) -> dict[str, float]:
-        """The lowest peaks of five fresh processes: ONNX Runtime's load peak for one file
-        moves between modes ~190 MB apart from one process to the next (see bench_export)."""
+        """The lowest peaks of five fresh processes (loaded as the servers load, every process
+        reads the same peak: see camserve.pipeline.malloc)."""
         cmd = [sys.executable, __file__, "--memory-child", graph, "--threads", str(threads)]
         runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
                 for _ in range(5)]
