@@ -3,9 +3,9 @@
 ``scipy.linalg.cython_lapack`` exports every LAPACK routine of scipy's own OpenBLAS as a C
 function pointer; this module calls some of them with :mod:`ctypes`:
 
-* ``dpotrf`` (and BLAS's ``dtrsv`` for a solve with it): the Cholesky factor of a Gram matrix ``X X^T``, which is the ``L`` of
-  ``X = L Q`` up to the signs of its columns, at a third of a QR's cost (its last pivot
-  needs care: :func:`camserve.cam.projection._lower_factor`);
+* ``dpotrf`` (and BLAS's ``dtrsv`` for a solve with it): the Cholesky factor of a Gram
+  matrix ``X X^T``, which is the ``L`` of ``X = L Q`` up to the signs of its columns, at a
+  third of a QR's cost (its last pivot needs care: :func:`camserve.cam.projection._lower_factor`);
 * ``dgeqrf``: ``X = L Q`` of a wide ``[m, n]`` matrix (m <= n) by Householder QR, the
   first step numpy's ``dgesdd`` takes on such a matrix (kept where the Cholesky factor
   cannot give ``L``: nearly dependent rows, non-finite entries);
@@ -80,13 +80,13 @@ def lq_lower(at: np.ndarray, blocked: bool = True) -> np.ndarray:
     if m > n:
         raise ValueError(f"lq_lower needs the transpose of a wide matrix (rows >= columns), got {list(at.shape)}")
     dgeqrf = _routine("dgeqrf", 8)
-    tau, info, query = np.empty(m), _Int(0), np.empty(1)
-    lwork = m
-    if blocked:
-        dgeqrf(_ref(n), _ref(m), _ptr(at), _ref(n), _ptr(tau), _ptr(query), _ref(-1), ctypes.byref(info))
-        lwork = max(int(query[0]), 1)
-    work = np.empty(lwork)
-    dgeqrf(_ref(n), _ref(m), _ptr(at), _ref(n), _ptr(tau), _ptr(work), _ref(lwork), ctypes.byref(info))
+    tau, info = np.empty(m), _Int(0)
+
+    def qrf(work: int, lwork: object) -> None:
+        dgeqrf(_ref(n), _ref(m), _ptr(at), _ref(n), _ptr(tau), work, lwork, ctypes.byref(info))
+
+    work = _workspace(("dgeqrf", n, m), qrf) if blocked else np.empty(m)
+    qrf(_ptr(work), _ref(len(work)))
     _check(info, "dgeqrf", at.shape)
     return np.asfortranarray(np.triu(at[:m]).T)
 

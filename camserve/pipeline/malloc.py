@@ -10,12 +10,12 @@ address space: from one process to the next, vit_b_32's forward graph read 447, 
 636-645 MB at load, its explain graph 521, 557-559 or 660 MB.
 
 :func:`loading` gives the heap's free memory back and fixes the threshold at 1 MB while a
-session is created: every large buffer is then mapped and unmapped on its own, and the peak is the live maximum, the same in every
-process (vit_b_32: forward 448 MB, explain 451 MB in six of six). Afterwards the threshold is
-fixed at glibc's largest, 32 MB, with the heap trimmed above 64 MB free, which is where the
-dynamic thresholds end up in a serving process: the request path's arrays come from the heap
-(left at 1 MB, a fresh mapping's page faults made resnet50's post-processing at N=8 1.7x
-slower). Elsewhere than glibc it does nothing.
+session is created: every large buffer is then mapped and unmapped on its own, and the peak
+is the live maximum, the same in every process (vit_b_32: forward 448 MB, explain 451 MB in
+six of six). Afterwards the threshold is fixed at glibc's largest, 32 MB, with the heap
+trimmed above 64 MB free, which is where the dynamic thresholds end up in a serving process:
+the request path's arrays come from the heap (left at 1 MB, a fresh mapping's page faults
+made resnet50's post-processing at N=8 1.7x slower). Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

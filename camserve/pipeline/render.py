@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 
 from camserve.cam import parallel
-from camserve.pipeline import png
 from camserve.errors import InputError
+from camserve.pipeline import png
 
 #: Deflate level of PNGs written on the request path (see the module docstring; rows are
 #: SUB-filtered: :mod:`camserve.pipeline.png`).
