@@ -11,8 +11,12 @@ For each model (random weights, exported here with ``check=False``, or taken fro
 - ``forward, IOBinding`` / ``explain graph, IOBinding``: the image bound on the device once,
   every output left on it (the fair pair: neither pays for the transfers);
 - ``explain() + gradcam``: camserve's whole CAM call (graph + numpy post-processing);
+- ``explain() + gradcam, device post``: the same with ``runtime.post_processing = device``
+  (:mod:`camserve.cam.device`: the post-processing as an ONNX graph in the same provider,
+  on the outputs left on the device; ``auto`` picks it on CUDA);
 - ``gradcam post-processing``: numpy on the host (from host arrays) against torch on the
-  device (from the IOBinding outputs, the map copied back), NCHW layers only.
+  device (from the IOBinding outputs, the map copied back), NCHW layers only, and camserve's
+  ONNX post-processing graph on the device (every layout; maps and ratios copied back).
 
     python bench/bench_gpu.py [--models resnet50 vit_b_16] [--batches 1 8 32] [--repeats 20]
                               [--exports DIR ...] [--json FILE]
@@ -76,7 +80,10 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
     from camserve.cam.scaling import combine_layers
     from camserve.pipeline.runtime import GraphSession
 
-    session = GraphSession(directory, providers=PROVIDERS)
+    session = GraphSession(directory, providers=PROVIDERS, post_processing="host")
+    # the same graph with the gradient methods' post-processing in ONNX Runtime on its outputs
+    # where they are (camserve.cam.device; what runtime.post_processing=auto picks on CUDA)
+    on_device = GraphSession(directory, providers=PROVIDERS, post_processing="device")
     if DEVICE == "cuda" and "CUDAExecutionProvider" not in session.session.get_providers():
         raise RuntimeError(f"no CUDA provider in the session: {session.session.get_providers()}")
     m = session.manifest
@@ -110,12 +117,15 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
             forward.run_with_iobinding(fbinding)
 
         host = session.run(x, cot, target_rank=rank)
+        left = on_device.run_on_device(x, cot, target_rank=rank)  # activations and gradients stay on the device
         calls = {
             "forward": lambda: session.forward_logits(x),
             "explain graph": lambda: session.run(x, cot, target_rank=rank),
             "forward, IOBinding": forward_bound,
             "explain graph, IOBinding": bound,
             "explain() + gradcam": lambda: explain(session, x, [[3]] * n, ["gradcam"]),
+            "explain() + gradcam, device post": lambda: explain(on_device, x, [[3]] * n, ["gradcam"]),
+            "gradcam post, ONNX (device)": lambda: on_device.post.run("gradcam", left.values, tuple(m.input_size)),
         }
         if layer.layout == "NCHW":
             calls["gradcam post, numpy (host)"] = lambda: combine_layers(

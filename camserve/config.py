@@ -110,16 +110,25 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """ONNX Runtime settings inside a worker. ``ort_threads`` 0 = cores / workers."""
+    """ONNX Runtime settings inside a worker. ``ort_threads`` 0 = cores / workers.
+
+    ``post_processing``: where the CAM post-processing of the summing gradient methods runs
+    (:mod:`camserve.cam.device`): ``host`` (numpy), ``device`` (an ONNX graph in the
+    session's provider, on the outputs left where the graph ran) or ``auto`` (``device``
+    on CUDA, where it saves the copies and numpy's time; ``host`` on CPUs, where both cost
+    the same)."""
 
     ort_threads: int = 0
     providers: str = "auto"
+    post_processing: str = "auto"
 
     def __post_init__(self) -> None:
         if self.ort_threads < 0:
             raise ConfigError(f"runtime.ort_threads must be >= 0, got {self.ort_threads}")
         if self.providers not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"runtime.providers must be auto, cpu or cuda, got {self.providers!r}")
+        if self.post_processing not in ("auto", "host", "device"):
+            raise ConfigError(f"runtime.post_processing must be auto, host or device, got {self.post_processing!r}")
 
     def threads_for(self, workers: int = 1) -> int:
         """Intra-op threads for one worker: explicit, else the cores shared between workers."""

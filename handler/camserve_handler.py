@@ -40,6 +40,7 @@ class CamserveHandler:
             props["model_dir"],
             providers=providers,
             intra_op_threads=config.runtime.threads_for(config.server.workers),
+            post_processing=config.runtime.post_processing,
         )
         name = model.get("modelName") or session.manifest.model_name
         version = str(model.get("modelVersion") or session.manifest.model_version)

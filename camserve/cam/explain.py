@@ -116,10 +116,13 @@ class _Runs:
         fn = getattr(self.session, "forward_logits", None) or self.session.logits
         return self.call(fn, self.images)
 
-    def targets(self, rows: Rows, num_classes: int, regions: np.ndarray | None = None) -> GraphOutputs:
+    def targets(self, rows: Rows, num_classes: int, regions: np.ndarray | None = None, on_device: bool = False) -> GraphOutputs:
         """One run with a gradient per row: one-hot cotangents for explicit classes, the
         graph's ``target_rank`` input for ranked ones (every exported graph has it);
-        ``regions [N, H, W]`` per image: a segmentation graph's client masks."""
+        ``regions [N, H, W]`` per image: a segmentation graph's client masks. ``on_device``:
+        the arrays stay where the session ran (``GraphSession.run_on_device``)."""
+        if on_device:
+            return self.call(self.session.run_on_device, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
         if regions is None:
             return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
         return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank,
@@ -187,6 +190,7 @@ def explain(
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
     rows = expand_targets(targets, n, len(concepts) if embedding else 2 if binary else k)
+    device = _device_post(session, specs, eigen_smooth, plain=score == "logit" and not embedding and not segmentation)
     if regions is not None:
         regions = _check_regions(regions, rows, segmentation, aug_smooth, size)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
@@ -218,9 +222,11 @@ def explain(
         out = runs.call(session.run, all_rows.take(runs.images), cotangent)
         acts_u = [all_rows.first_of_each(a) for a in out.activations]
     elif any(s.main_gradients and not (guided_arrays and s.name == "guidedgradcam") for s in specs):
-        out = runs.targets(all_rows, k, regions)
+        out = runs.targets(all_rows, k, regions, on_device=device is not None)
         logits_u = all_rows.first_of_each(out.logits)
-        acts_u = [all_rows.first_of_each(a) for a in out.activations]
+        # every method post-processed on the device: the arrays never come to the host
+        on_host = device is None or not all(_on_device(device, s, eigen_smooth) for s in specs)
+        acts_u = [all_rows.first_of_each(a) for a in out.activations] if on_host else []
     elif all(s.extra for s in specs):
         # only extra-graph methods: the first one's run over the rows gives the logits too,
         # so the main graph does not run at all
@@ -264,6 +270,8 @@ def explain(
             picture, result = guided_pictures(gb, cam)
             pictures[spec.name] = rows.split(picture)
             ratio = not_applicable(len(all_rows))
+        elif device is not None and _on_device(device, spec, eigen_smooth):
+            result, ratio = device.run(spec.name, out.values, size)
         elif spec.source in ("gradients", "activations"):
             result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
         else:
@@ -284,6 +292,20 @@ def explain(
     timings["cam"] = time.perf_counter() - start - runs.seconds
     return Explanation(logits=np.asarray(logits_u[:n], dtype=np.float32), classes=classes, cams=cams, timings=timings,
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
+
+
+def _on_device(device: Any, spec: MethodSpec, eigen_smooth: bool) -> bool:
+    """Whether ``spec``'s maps come from the device post-processing graphs."""
+    return spec.source == "gradients" and device.supports(spec.name, eigen_smooth and spec.eigen_smooth)
+
+
+def _device_post(session: Any, specs: list[MethodSpec], eigen_smooth: bool, plain: bool) -> Any:
+    """The session's device post-processing (:mod:`camserve.cam.device`) where it serves one
+    of ``specs`` over the main run's arrays (``plain``: the logit target of a classifier), else None."""
+    device = getattr(session, "post", None)
+    if device is None or not plain or not any(_on_device(device, s, eigen_smooth) for s in specs):
+        return None
+    return device
 
 
 def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:

@@ -7,10 +7,12 @@ GPU is really there (so CPU hosts print no provider errors), else CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,6 +120,35 @@ class GraphOutputs:
     gradients: list[np.ndarray]
 
 
+#: where CAM post-processing runs (``runtime.post_processing``): numpy on the host, the
+#: device post-processing graphs (:mod:`camserve.cam.device`) in the session's execution
+#: provider, or ``auto``: on the device when the graph runs on CUDA, else on the host
+POST_PROCESSING = ("auto", "host", "device")
+
+
+class DeviceOutputs:
+    """One batch's answer with the logits on the host and the activations and gradients left
+    where the session ran them (``values``: ``ort.OrtValue`` in the graph's output order,
+    ``activations_0, gradients_0, ...``), for :class:`camserve.cam.device.DevicePost`.
+    ``activations`` and ``gradients`` copy them to the host on first use, as
+    :class:`GraphOutputs` has them, for the methods that run in numpy."""
+
+    def __init__(self, logits: np.ndarray, values: list[Any]) -> None:
+        self.logits, self.values = logits, values
+
+    @functools.cached_property
+    def _host(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.values]
+
+    @property
+    def activations(self) -> list[np.ndarray]:
+        return self._host[0::2]
+
+    @property
+    def gradients(self) -> list[np.ndarray]:
+        return self._host[1::2]
+
+
 class GraphSession:
     """An ONNX Runtime session over an export directory (graph + manifest)."""
 
@@ -128,7 +159,10 @@ class GraphSession:
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         verify_hash: bool = True,
+        post_processing: str = "auto",
     ) -> None:
+        if post_processing not in POST_PROCESSING:
+            raise ValueError(f"post_processing must be one of {', '.join(POST_PROCESSING)}, got {post_processing!r}")
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
         graph = checked_graph(self.directory, self.manifest, verify_hash)
@@ -155,6 +189,17 @@ class GraphSession:
         self._verify_hash = verify_hash
         self._forward: ort.InferenceSession | None = None
         self._forward_lock = threading.Lock()
+        #: where the explain graph leaves its outputs for :meth:`run_on_device`
+        self.device_type = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        #: the device post-processing graphs (:mod:`camserve.cam.device`), or None: numpy on the host
+        self.post: Any = None
+        if post_processing == "device" or (post_processing == "auto" and self.device_type == "cuda"):
+            from camserve.cam.device import DevicePost
+
+            # its own threads must not spin between runs: they would take the cores from the next graph run
+            post_options = session_options(intra_op_threads)
+            post_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.post = DevicePost(self.manifest.target_layers, post_options, self.providers)
 
     @property
     def head(self) -> ort.InferenceSession:
@@ -202,6 +247,21 @@ class GraphSession:
         out = self.session.run(None, feeds)
         m = self._layer_count
         return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
+
+    def run_on_device(self, images: np.ndarray, cotangent: np.ndarray | None = None,
+                      target_rank: np.ndarray | None = None) -> DeviceOutputs:
+        """:meth:`run`, with the activations and gradients left on the session's device
+        (IOBinding): only the logits come back to the host."""
+        binding = self.session.io_binding()
+        for name, value in self._feeds(images, cotangent, target_rank).items():
+            binding.bind_cpu_input(name, value)
+        names = [o.name for o in self.session.get_outputs()]
+        binding.bind_output(names[0], "cpu")
+        for name in names[1:]:
+            binding.bind_output(name, self.device_type)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return DeviceOutputs(values[0].numpy(), list(values[1:]))
 
     def _feeds(self, images: np.ndarray, cotangent: np.ndarray | None, target_rank: np.ndarray | None,
                region: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -295,5 +355,6 @@ def open_session(directory: str | Path, **kwargs) -> GraphSession:
     if Manifest.load(directory).kind == "detection":
         from camserve.pipeline.detection import DetectionSession
 
+        kwargs.pop("post_processing", None)  # EigenCAM per box: no device post-processing
         return DetectionSession(directory, **kwargs)  # type: ignore[return-value]
     return GraphSession(directory, **kwargs)

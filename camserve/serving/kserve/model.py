@@ -86,7 +86,8 @@ class CamserveModel(Model):
 
         providers = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
         session = open_session(self.export_dir, providers=providers.get(self.config.runtime.providers) or default_providers(),
-                               intra_op_threads=self.config.runtime.threads_for(self.workers))
+                               intra_op_threads=self.config.runtime.threads_for(self.workers),
+                               post_processing=self.config.runtime.post_processing)
         self.version = self.version or session.manifest.model_version
         cache = process_cache()
         recorder = Recorder(cache, self.name, self.version, self.config.limits.max_batch_size)
