@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from _device_twin import assert_same_explanations
 from _server_fixture import png_bytes, sample_image, tiny_export
 from camserve import cam
 from camserve.cam.device import DEVICE_METHODS, DevicePost, post_graph
@@ -121,18 +122,21 @@ def test_explain_on_the_device_answers_what_numpy_answers(sessions, methods, opt
     targets = [cam.TopK(2), [5, 7], cam.TopK(1)]
     want = cam.explain(host, images, targets, methods, **options)
     got = cam.explain(spy, images, targets, methods, **options)
-    assert got.classes == want.classes
-    np.testing.assert_array_equal(got.logits, want.logits)
-    for method in methods:
-        for g, w in zip(got.cams[method], want.cams[method]):
-            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0, err_msg=method)
-        for g, w in zip(got.signal_ratio[method], want.signal_ratio[method]):
-            np.testing.assert_allclose(g, w, rtol=1e-4, err_msg=method)
+    assert_same_explanations(got, want, methods)
     if host_copy is None:
         assert spy.answers == []  # nothing for the device: the plain run
     else:
         assert len(spy.answers) == 1 and isinstance(spy.answers[0], DeviceOutputs)
         assert ("_host" in vars(spy.answers[0])) is host_copy
+
+
+@pytest.mark.parametrize("score", ["softmax", "logit"])
+def test_a_score_target_is_post_processed_on_the_device_too(sessions, score):
+    host, device = sessions
+    images = np.random.default_rng(5).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    methods = ["gradcam", "layercam", "kpcacam"]
+    assert_same_explanations(cam.explain(device, images, [[1, 2], cam.TopK(1)], methods, score=score),
+                             cam.explain(host, images, [[1, 2], cam.TopK(1)], methods, score=score), methods)
 
 
 def test_the_request_pipeline_answers_the_same_maps(tmp_path):

@@ -76,6 +76,18 @@ def test_cosine_target_matches_the_oracle(embedder):
     np.testing.assert_allclose(concept_mod.cosine_cotangent(e[:1], concepts[:1]), et.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_device_post_processing_explains_the_same_similarities(embedder):
+    from _device_twin import assert_same_explanations, device_twin
+
+    session, model = embedder
+    with torch.no_grad():
+        concepts = model(torch.from_numpy(_images(2, seed=9))).numpy()
+    methods = ["gradcam++", "xgradcam", "gradcamelementwise"]
+    images = _images(2, seed=4)
+    assert_same_explanations(explain(device_twin(session), images, [[0, 1], [1]], methods, concepts=concepts),
+                             explain(session, images, [[0, 1], [1]], methods, concepts=concepts), methods)
+
+
 def test_embedding_targets_are_concepts(embedder):
     session, _ = embedder
     images = _images(1, seed=3)

@@ -91,6 +91,21 @@ def test_client_mask_target_matches_the_oracle(deeplab):
         explain(session, images, [[1]] * 3, ["gradcam"], regions=regions[:, :32])
 
 
+def test_device_post_processing_explains_the_same_masks(deeplab):
+    from _device_twin import assert_same_explanations, device_twin
+
+    session, _ = deeplab
+    images = _images(2, seed=11)
+    regions = np.full((2, 64, 64), -1.0, dtype=np.float32)  # image 0: its predicted pixels
+    regions[1, 10:40, 20:50] = 1.0  # image 1: a client's box
+    methods = ["gradcam", "hirescam", "eigencam"]
+    twin = device_twin(session)
+    assert_same_explanations(explain(twin, images, [[3], [5]], methods, regions=regions),
+                             explain(session, images, [[3], [5]], methods, regions=regions), methods)
+    assert_same_explanations(explain(twin, images, [TopK(2)] * 2, methods[:2]),
+                             explain(session, images, [TopK(2)] * 2, methods[:2]), methods[:2])
+
+
 def test_low_resolution_cotangent_is_the_upsampling_backward():
     """The export starts the backward at the head's output: the full-resolution cotangent
     (ranked, weighted and client-region rows) taken back through the bilinear upsampling at

@@ -121,12 +121,10 @@ class _Runs:
         graph's ``target_rank`` input for ranked ones (every exported graph has it);
         ``regions [N, H, W]`` per image: a segmentation graph's client masks. ``on_device``:
         the arrays stay where the session ran (``GraphSession.run_on_device``)."""
-        if on_device:
-            return self.call(self.session.run_on_device, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
+        run = self.session.run_on_device if on_device else self.session.run
         if regions is None:
-            return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
-        return self.call(self.session.run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank,
-                         region=regions[rows.image])
+            return self.call(run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
+        return self.call(run, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank, region=regions[rows.image])
 
 
 @parallel.session_threads
@@ -190,7 +188,11 @@ def explain(
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
     rows = expand_targets(targets, n, len(concepts) if embedding else 2 if binary else k)
-    device = _device_post(session, specs, eigen_smooth, plain=score == "logit" and not embedding and not segmentation)
+    device = _device_post(session, specs, eigen_smooth)
+    # the main run leaves its arrays on the device when a method is post-processed there; they
+    # come to the host only for the methods that are not (numpy)
+    main_run = session.run if device is None else session.run_on_device
+    on_host = device is None or not all(_on_device(device, s, eigen_smooth) for s in specs)
     if regions is not None:
         regions = _check_regions(regions, rows, segmentation, aug_smooth, size)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
@@ -209,9 +211,9 @@ def explain(
         if (all_rows.cls < 0).any():
             raise InputError("an embedding model's targets are concept indices, not top-k ranks")
         row_class = all_rows.cls
-        out = runs.call(session.run, all_rows.take(runs.images), np.asarray(concepts, dtype=np.float32)[row_class],
+        out = runs.call(main_run, all_rows.take(runs.images), np.asarray(concepts, dtype=np.float32)[row_class],
                         target_rank=np.full(len(all_rows), COSINE_RANK, dtype=np.int64))
-        logits_u, acts_u = all_rows.first_of_each(out.logits), [all_rows.first_of_each(a) for a in out.activations]
+        logits_u, acts_u = all_rows.first_of_each(out.logits), _first_arrays(out, all_rows, on_host)
         row_logits = all_rows.take(logits_u)
     elif score != "logit":
         # the cotangent depends on the logits: a forward first, then one run with it
@@ -219,14 +221,12 @@ def explain(
         row_logits = all_rows.take(logits_u)
         row_class = resolve_binary(all_rows, row_logits) if binary else all_rows.resolve(row_logits)
         cotangent = score_cotangent(score, row_logits, row_class)
-        out = runs.call(session.run, all_rows.take(runs.images), cotangent)
-        acts_u = [all_rows.first_of_each(a) for a in out.activations]
+        out = runs.call(main_run, all_rows.take(runs.images), cotangent)
+        acts_u = _first_arrays(out, all_rows, on_host)
     elif any(s.main_gradients and not (guided_arrays and s.name == "guidedgradcam") for s in specs):
         out = runs.targets(all_rows, k, regions, on_device=device is not None)
         logits_u = all_rows.first_of_each(out.logits)
-        # every method post-processed on the device: the arrays never come to the host
-        on_host = device is None or not all(_on_device(device, s, eigen_smooth) for s in specs)
-        acts_u = [all_rows.first_of_each(a) for a in out.activations] if on_host else []
+        acts_u = _first_arrays(out, all_rows, on_host)
     elif all(s.extra for s in specs):
         # only extra-graph methods: the first one's run over the rows gives the logits too,
         # so the main graph does not run at all
@@ -299,13 +299,19 @@ def _on_device(device: Any, spec: MethodSpec, eigen_smooth: bool) -> bool:
     return spec.source == "gradients" and device.supports(spec.name, eigen_smooth and spec.eigen_smooth)
 
 
-def _device_post(session: Any, specs: list[MethodSpec], eigen_smooth: bool, plain: bool) -> Any:
+def _device_post(session: Any, specs: list[MethodSpec], eigen_smooth: bool) -> Any:
     """The session's device post-processing (:mod:`camserve.cam.device`) where it serves one
-    of ``specs`` over the main run's arrays (``plain``: the logit target of a classifier), else None."""
+    of ``specs`` over the main run's arrays, else None."""
     device = getattr(session, "post", None)
-    if device is None or not plain or not any(_on_device(device, s, eigen_smooth) for s in specs):
+    if device is None or not any(_on_device(device, s, eigen_smooth) for s in specs):
         return None
     return device
+
+
+def _first_arrays(out: GraphOutputs, rows: Rows, on_host: bool) -> list[np.ndarray]:
+    """Each image's activations (its first row's) for the methods post-processed in numpy;
+    none when every method runs on the device (the arrays then never leave it)."""
+    return [rows.first_of_each(a) for a in out.activations] if on_host else []
 
 
 def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:

@@ -249,11 +249,11 @@ class GraphSession:
         return GraphOutputs(logits=out[0], activations=list(out[1 : 1 + 2 * m : 2]), gradients=list(out[2 : 2 + 2 * m : 2]))
 
     def run_on_device(self, images: np.ndarray, cotangent: np.ndarray | None = None,
-                      target_rank: np.ndarray | None = None) -> DeviceOutputs:
+                      target_rank: np.ndarray | None = None, region: np.ndarray | None = None) -> DeviceOutputs:
         """:meth:`run`, with the activations and gradients left on the session's device
         (IOBinding): only the logits come back to the host."""
         binding = self.session.io_binding()
-        for name, value in self._feeds(images, cotangent, target_rank).items():
+        for name, value in self._feeds(images, cotangent, target_rank, region).items():
             binding.bind_cpu_input(name, value)
         names = [o.name for o in self.session.get_outputs()]
         binding.bind_output(names[0], "cpu")
