@@ -212,6 +212,9 @@ class DevicePost:
         self._sessions: dict[tuple[str, tuple[int, int]], ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
+    #: the methods it post-processes
+    methods = tuple(DEVICE_METHODS)
+
     @staticmethod
     def supports(method: str, eigen_smooth: bool) -> bool:
         """Whether ``method`` (with or without ``eigen_smooth``) runs here rather than in numpy."""

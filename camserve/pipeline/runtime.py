@@ -200,6 +200,8 @@ class GraphSession:
             post_options = session_options(intra_op_threads)
             post_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.post = DevicePost(self.manifest.target_layers, post_options, self.providers)
+            for method in self.post.methods:  # at load, not in a first request (every image has the input size)
+                self.post.session(method, self.manifest.input_size)
 
     @property
     def head(self) -> ort.InferenceSession:
