@@ -271,7 +271,9 @@ def explain(
             pictures[spec.name] = rows.split(picture)
             ratio = not_applicable(len(all_rows))
         elif device is not None and _on_device(device, spec, eigen_smooth):
-            result, ratio = device.run(spec.name, out.values, size)
+            arrays = out if spec.source == "gradients" else runs.call(  # FinerCAM: a run with its own cotangent
+                session.run_on_device, all_rows.take(runs.images), finer_cotangent(row_logits, row_class))
+            result, ratio = device.run(_device_method(spec), arrays.values, size)
         elif spec.source in ("gradients", "activations"):
             result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
         else:
@@ -294,9 +296,16 @@ def explain(
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
 
 
+def _device_method(spec: MethodSpec) -> str | None:
+    """The device post-processing graph that serves ``spec``: its own for the main run's
+    gradient methods, GradCAM's for FinerCAM (GradCAM of its own run's gradients)."""
+    return {"gradients": spec.name, "finer": "gradcam"}.get(spec.source)
+
+
 def _on_device(device: Any, spec: MethodSpec, eigen_smooth: bool) -> bool:
     """Whether ``spec``'s maps come from the device post-processing graphs."""
-    return spec.source == "gradients" and device.supports(spec.name, eigen_smooth and spec.eigen_smooth)
+    name = _device_method(spec)
+    return name is not None and device.supports(name, eigen_smooth and spec.eigen_smooth)
 
 
 def _device_post(session: Any, specs: list[MethodSpec], eigen_smooth: bool) -> Any:
