@@ -207,6 +207,22 @@ def test_topk_rows_and_eigen_smooth(resnet50: Exported) -> None:
     np.testing.assert_array_equal(np.concatenate(plain.cams["fullgrad"]), np.concatenate(out.cams["fullgrad"]))
 
 
+def test_device_post_processing_explains_the_same(resnet50: Exported) -> None:
+    """ShapleyCAM's extra graph leaves its arrays on the device for GradCAM's graph there
+    (camserve.cam.device); the other extras' methods stay in numpy."""
+    from _device_twin import assert_same_explanations, device_twin
+
+    twin = device_twin(resnet50.session)
+    calls = []
+    original = twin.run_extra_on_device
+    twin.run_extra_on_device = lambda name, *a, **k: calls.append(name) or original(name, *a, **k)
+    x = images(2, 12)
+    methods = ["shapleycam", "fullgrad", "guidedgradcam", "gradcam"]
+    got = explain(twin, x, [TopK(1), [4, 6]], methods)
+    assert_same_explanations(got, explain(resnet50.session, x, [TopK(1), [4, 6]], methods), methods)
+    assert calls == ["shapley"]
+
+
 def test_served_by_the_pipeline_and_refused_without_the_extra(tmp_path) -> None:
     """The methods go through the one request pipeline: maps, summaries, pictures; a method
     asked of an export without its extra is a 400 naming the export flag."""

@@ -22,8 +22,9 @@ The graph is the numpy path op for op in float32 (:mod:`camserve.cam.methods`,
     ratio   = min_l ratio_l
 
 Methods: the ones whose terms are elementwise and reductions: GradCAM, GradCAM++, XGradCAM,
-HiResCAM, GradCAM element-wise and LayerCAM (:data:`DEVICE_METHODS`), and FinerCAM through
-GradCAM's graph on its own run, without ``eigen_smooth`` (a projection: SVD has no ONNX op).
+HiResCAM, GradCAM element-wise and LayerCAM (:data:`DEVICE_METHODS`), and FinerCAM and
+ShapleyCAM through GradCAM's graph on their own runs' arrays (FinerCAM's cotangent, the
+``shapley`` extra graph), without ``eigen_smooth`` (a projection: SVD has no ONNX op).
 Every other method, and these with smoothing, run in numpy as before.
 """
 

@@ -82,15 +82,17 @@ def _parse_methods(methods: Sequence[str]) -> list[MethodSpec]:
 class _Runs:
     """Graph calls of one explanation, timed (``seconds``); also the ScoreCAM/AblationCAM runner."""
 
-    def __init__(self, session: Any, images: np.ndarray) -> None:
+    def __init__(self, session: Any, images: np.ndarray, device_extras: frozenset[str] = frozenset()) -> None:
         self.session, self.images, self.seconds = session, images, 0.0
         self._extras: dict[str, dict[str, np.ndarray]] = {}
+        #: extra graphs whose outputs stay on the device (their methods are post-processed there)
+        self.device_extras = device_extras
 
     def extra(self, name: str, rows: Rows, num_classes: int) -> dict[str, np.ndarray]:
         """Extra graph ``name`` over the rows (run once per explanation; both guided methods share it)."""
         if name not in self._extras:
-            self._extras[name] = self.call(self.session.run_extra, name, rows.take(self.images), rows.one_hot(num_classes),
-                                           target_rank=rows.rank)
+            run = self.session.run_extra_on_device if name in self.device_extras else self.session.run_extra
+            self._extras[name] = self.call(run, name, rows.take(self.images), rows.one_hot(num_classes), target_rank=rows.rank)
         return self._extras[name]
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -200,7 +202,8 @@ def explain(
     if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
         raise InputError("aug_smooth is not defined for guidedbackprop, guidedgradcam and dff (pictures and concepts)")
     copies = len(AUGMENTATIONS) if aug_smooth else 1
-    runs = _Runs(session, augment(images) if aug_smooth else images)
+    runs = _Runs(session, augment(images) if aug_smooth else images,
+                 frozenset(s.extra for s in specs if s.extra and device is not None and _on_device(device, s, eigen_smooth)))
     all_rows = rows.repeat(copies) if copies > 1 else rows
     # Guided Grad-CAM takes GradCAM's arrays from the guided graph where it answers them (no
     # nn.ReLU after the target layers: camserve.export.guided_taps) instead of a main run.
@@ -271,9 +274,8 @@ def explain(
             pictures[spec.name] = rows.split(picture)
             ratio = not_applicable(len(all_rows))
         elif device is not None and _on_device(device, spec, eigen_smooth):
-            arrays = out if spec.source == "gradients" else runs.call(  # FinerCAM: a run with its own cotangent
-                session.run_on_device, all_rows.take(runs.images), finer_cotangent(row_logits, row_class))
-            result, ratio = device.run(_device_method(spec), arrays.values, size)
+            result, ratio = device.run(_device_method(spec), _device_arrays(spec, runs, out, all_rows, row_logits, row_class, k),
+                                       size)
         elif spec.source in ("gradients", "activations"):
             result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
         else:
@@ -298,8 +300,22 @@ def explain(
 
 def _device_method(spec: MethodSpec) -> str | None:
     """The device post-processing graph that serves ``spec``: its own for the main run's
-    gradient methods, GradCAM's for FinerCAM (GradCAM of its own run's gradients)."""
-    return {"gradients": spec.name, "finer": "gradcam"}.get(spec.source)
+    gradient methods, GradCAM's for FinerCAM and ShapleyCAM (GradCAM's weights over the
+    arrays of their own run)."""
+    return {"gradients": spec.name, "finer": "gradcam", "shapley": "gradcam"}.get(spec.source)
+
+
+def _device_arrays(spec: MethodSpec, runs: _Runs, out: Any, rows: Rows, row_logits: np.ndarray, row_class: np.ndarray,
+                   num_classes: int) -> list[Any]:
+    """The arrays, left on the device, that ``spec``'s device graph reduces: the main run's,
+    FinerCAM's run with its own cotangent, or ShapleyCAM's extra graph's."""
+    if spec.source == "finer":
+        out = runs.call(runs.session.run_on_device, rows.take(runs.images), finer_cotangent(row_logits, row_class))
+    elif spec.source == "shapley":
+        ex = runs.extra("shapley", rows, num_classes)
+        layers = len(runs.session.manifest.target_layers)
+        return [ex[f"{kind}_{i}"] for i in range(layers) for kind in ("activations", "gradients")]
+    return out.values
 
 
 def _on_device(device: Any, spec: MethodSpec, eigen_smooth: bool) -> bool:

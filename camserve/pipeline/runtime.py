@@ -254,16 +254,19 @@ class GraphSession:
                       target_rank: np.ndarray | None = None, region: np.ndarray | None = None) -> DeviceOutputs:
         """:meth:`run`, with the activations and gradients left on the session's device
         (IOBinding): only the logits come back to the host."""
-        binding = self.session.io_binding()
-        for name, value in self._feeds(images, cotangent, target_rank, region).items():
-            binding.bind_cpu_input(name, value)
-        names = [o.name for o in self.session.get_outputs()]
-        binding.bind_output(names[0], "cpu")
-        for name in names[1:]:
-            binding.bind_output(name, self.device_type)
-        self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
+        values = self._run_bound(self.session, self._feeds(images, cotangent, target_rank, region))
         return DeviceOutputs(values[0].numpy(), list(values[1:]))
+
+    def _run_bound(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[Any]:
+        """One run of ``session`` whose outputs stay on the session's device (``ort.OrtValue``),
+        but ``logits``, bound to the host."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cpu" if out.name == "logits" else self.device_type)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()
 
     def _feeds(self, images: np.ndarray, cotangent: np.ndarray | None, target_rank: np.ndarray | None,
                region: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -308,6 +311,15 @@ class GraphSession:
         feeds = self._feeds(images, cotangent, target_rank)
         session = self.extras[name]
         return dict(zip(self._extra_outputs[name], session.run(None, feeds)))
+
+    def run_extra_on_device(self, name: str, images: np.ndarray, cotangent: np.ndarray | None = None,
+                            target_rank: np.ndarray | None = None) -> dict[str, Any]:
+        """:meth:`run_extra` with every output but the logits left on the session's device
+        (``ort.OrtValue``), for :class:`camserve.cam.device.DevicePost`."""
+        if name not in self.extras:
+            raise ManifestError(f"this export has no {name!r} graph (re-export with --extras {name})")
+        values = self._run_bound(self.extras[name], self._feeds(images, cotangent, target_rank))
+        return {out: v.numpy() if out == "logits" else v for out, v in zip(self._extra_outputs[name], values)}
 
     @property
     def threads(self) -> int:
