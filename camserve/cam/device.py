@@ -39,6 +39,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from camserve.cam.registry import MethodSpec
 from camserve.cam.scaling import EPS, cv2_linear_matrices
 from camserve.manifest import LayerSpec
 
@@ -220,6 +221,17 @@ class DevicePost:
     def supports(method: str, eigen_smooth: bool) -> bool:
         """Whether ``method`` (with or without ``eigen_smooth``) runs here rather than in numpy."""
         return method in DEVICE_METHODS and not eigen_smooth
+
+    @staticmethod
+    def graph_for(spec: MethodSpec) -> str | None:
+        """The graph that serves ``spec``: its own for the main run's gradient methods,
+        GradCAM's for FinerCAM and ShapleyCAM (GradCAM's weights over their own run's arrays)."""
+        return {"gradients": spec.name, "finer": "gradcam", "shapley": "gradcam"}.get(spec.source)
+
+    def serves(self, spec: MethodSpec, eigen_smooth: bool) -> bool:
+        """Whether ``spec``'s maps (with the request's ``eigen_smooth``) come from here."""
+        name = self.graph_for(spec)
+        return name is not None and self.supports(name, eigen_smooth and spec.eigen_smooth)
 
     def session(self, method: str, size: tuple[int, int]) -> ort.InferenceSession:
         key = (method, (int(size[0]), int(size[1])))

@@ -190,11 +190,12 @@ def explain(
         others = [s.name for s in specs if s.source not in ("gradients", "activations")]
         raise InputError(f"score={score} applies to the gradient methods of the main graph, not to {', '.join(others)}")
     rows = expand_targets(targets, n, len(concepts) if embedding else 2 if binary else k)
-    device = _device_post(session, specs, eigen_smooth)
+    post = getattr(session, "post", None)  # its device post-processing (camserve.cam.device), where it serves a method
+    post = post if post is not None and any(post.serves(s, eigen_smooth) for s in specs) else None
     # the main run leaves its arrays on the device when a method is post-processed there; they
     # come to the host only for the methods that are not (numpy)
-    main_run = session.run if device is None else session.run_on_device
-    on_host = device is None or not all(_on_device(device, s, eigen_smooth) for s in specs)
+    main_run = session.run if post is None else session.run_on_device
+    on_host = post is None or not all(post.serves(s, eigen_smooth) for s in specs)
     if regions is not None:
         regions = _check_regions(regions, rows, segmentation, aug_smooth, size)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
@@ -203,7 +204,7 @@ def explain(
         raise InputError("aug_smooth is not defined for guidedbackprop, guidedgradcam and dff (pictures and concepts)")
     copies = len(AUGMENTATIONS) if aug_smooth else 1
     runs = _Runs(session, augment(images) if aug_smooth else images,
-                 frozenset(s.extra for s in specs if s.extra and device is not None and _on_device(device, s, eigen_smooth)))
+                 frozenset(s.extra for s in specs if s.extra and post is not None and post.serves(s, eigen_smooth)))
     all_rows = rows.repeat(copies) if copies > 1 else rows
     # Guided Grad-CAM takes GradCAM's arrays from the guided graph where it answers them (no
     # nn.ReLU after the target layers: camserve.export.guided_taps) instead of a main run.
@@ -227,7 +228,7 @@ def explain(
         out = runs.call(main_run, all_rows.take(runs.images), cotangent)
         acts_u = _first_arrays(out, all_rows, on_host)
     elif any(s.main_gradients and not (guided_arrays and s.name == "guidedgradcam") for s in specs):
-        out = runs.targets(all_rows, k, regions, on_device=device is not None)
+        out = runs.targets(all_rows, k, regions, on_device=post is not None)
         logits_u = all_rows.first_of_each(out.logits)
         acts_u = _first_arrays(out, all_rows, on_host)
     elif all(s.extra for s in specs):
@@ -273,9 +274,9 @@ def explain(
             picture, result = guided_pictures(gb, cam)
             pictures[spec.name] = rows.split(picture)
             ratio = not_applicable(len(all_rows))
-        elif device is not None and _on_device(device, spec, eigen_smooth):
-            result, ratio = device.run(_device_method(spec), _device_arrays(spec, runs, out, all_rows, row_logits, row_class, k),
-                                       size)
+        elif post is not None and post.serves(spec, eigen_smooth):
+            arrays = _device_arrays(spec, runs, out, all_rows, row_logits, row_class, k)
+            result, ratio = post.run(post.graph_for(spec), arrays, size)
         elif spec.source in ("gradients", "activations"):
             result, ratio = _array_cams(spec, out, acts_u, layers, eigen_smooth, size)
         else:
@@ -298,13 +299,6 @@ def explain(
                        signal_ratio=ratios, pictures=pictures, concepts=concepts)
 
 
-def _device_method(spec: MethodSpec) -> str | None:
-    """The device post-processing graph that serves ``spec``: its own for the main run's
-    gradient methods, GradCAM's for FinerCAM and ShapleyCAM (GradCAM's weights over the
-    arrays of their own run)."""
-    return {"gradients": spec.name, "finer": "gradcam", "shapley": "gradcam"}.get(spec.source)
-
-
 def _device_arrays(spec: MethodSpec, runs: _Runs, out: Any, rows: Rows, row_logits: np.ndarray, row_class: np.ndarray,
                    num_classes: int) -> list[Any]:
     """The arrays, left on the device, that ``spec``'s device graph reduces: the main run's,
@@ -316,21 +310,6 @@ def _device_arrays(spec: MethodSpec, runs: _Runs, out: Any, rows: Rows, row_logi
         layers = len(runs.session.manifest.target_layers)
         return [ex[f"{kind}_{i}"] for i in range(layers) for kind in ("activations", "gradients")]
     return out.values
-
-
-def _on_device(device: Any, spec: MethodSpec, eigen_smooth: bool) -> bool:
-    """Whether ``spec``'s maps come from the device post-processing graphs."""
-    name = _device_method(spec)
-    return name is not None and device.supports(name, eigen_smooth and spec.eigen_smooth)
-
-
-def _device_post(session: Any, specs: list[MethodSpec], eigen_smooth: bool) -> Any:
-    """The session's device post-processing (:mod:`camserve.cam.device`) where it serves one
-    of ``specs`` over the main run's arrays, else None."""
-    device = getattr(session, "post", None)
-    if device is None or not any(_on_device(device, s, eigen_smooth) for s in specs):
-        return None
-    return device
 
 
 def _first_arrays(out: GraphOutputs, rows: Rows, on_host: bool) -> list[np.ndarray]:
