@@ -18,7 +18,7 @@ from camserve.config import ConfigError, RuntimeConfig, load_config
 from camserve.manifest import LayerSpec
 from camserve.pipeline.render import from_float16
 from camserve.pipeline.request import Request
-from camserve.pipeline.runtime import DeviceOutputs, GraphOutputs, GraphSession, session_options
+from camserve.pipeline.runtime import DeviceOutputs, GraphOutputs, GraphSession, cuda_available, session_options
 from camserve.pipeline.service import Service
 
 LAYOUTS = {
@@ -186,3 +186,19 @@ def test_the_torchserve_handler_takes_the_setting(tmp_path, monkeypatch):
         handler = module.CamserveHandler()
         handler.initialize(types.SimpleNamespace(system_properties={"model_dir": str(export)}, manifest={}, metrics=None))
         assert (handler.service.session.post is not None) is on_device, where
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a GPU and onnxruntime-gpu: the CUDA provider's kernels for these graphs")
+def test_on_cuda_the_arrays_stay_on_the_gpu_and_the_maps_match(resnet18_export):
+    host = GraphSession(resnet18_export[0], providers=["CPUExecutionProvider"], post_processing="host")
+    gpu = GraphSession(resnet18_export[0], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert gpu.device_type == "cuda" and gpu.post is not None  # auto: on the device under CUDA
+    images = np.random.default_rng(8).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    left = gpu.run_on_device(images, target_rank=np.zeros(3, np.int64))
+    assert all(v.device_name().lower() == "cuda" for v in left.values)
+    methods = list(DEVICE_METHODS)
+    got, want = (cam.explain(s, images, [cam.TopK(2)] * 3, methods) for s in (gpu, host))
+    assert got.classes == want.classes
+    for method in methods:  # two runtimes' convolutions: GPU float rounding, not the post-processing's
+        for g, w in zip(got.cams[method], want.cams[method]):
+            np.testing.assert_allclose(g, w, atol=1e-3, err_msg=method)
