@@ -40,7 +40,8 @@ def served(tmp_path_factory):
     config = run_dir.parent / f"{run_dir.name}-config.yaml"
     config.write_text("audit: {store_heatmaps: true, store_inputs: true}\n")
     argv = ["serve", "--model-store", str(store), "--run-dir", str(run_dir), "--config", str(config),
-            *[a for p in PORTS for a in (f"--{p}-port", "0")], "--batch-size", "4", "--max-batch-delay", "5", "--ort-threads", "1"]
+            *[a for p in PORTS for a in (f"--{p}-port", "0")], "--batch-size", "4", "--max-batch-delay", "5", "--ort-threads", "1",
+            "--post-processing", "device"]  # GradCAM as ONNX graphs in the worker (camserve.cam.device), checked against numpy here
     try:
         assert main(argv) == 0
         yield Instance.load(run_dir), images, meta, ex
@@ -126,6 +127,22 @@ def test_shortcut_version_agrees_but_looks_elsewhere_and_fails_the_iou_gate(serv
     for side in ("a", "b"):
         lat = s["latency_ms"][side]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+
+
+def test_the_workers_took_the_post_processing_flag(served):
+    """``--post-processing device`` reached every worker (config -> environment -> handler):
+    each says so in the model log once loaded. The answers above come from that path."""
+    import time
+
+    instance = served[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # log lines reach the file a moment after the worker is up
+        log = (instance.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+        if log.count("CAM post-processing: ONNX graphs on the cpu device") >= 3:  # shapes 1.0, 1.1 and 2.0
+            break
+        time.sleep(0.2)
+    assert log.count("CAM post-processing: ONNX graphs on the cpu device") >= 3, log[-2000:]
+    assert "CAM post-processing: numpy on the host" not in log
 
 
 def test_served_faithfulness_matches_score_maps_run_here(served, shortcut_report):

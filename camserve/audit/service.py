@@ -86,6 +86,9 @@ class AuditedService(Service):
 def make_service(config: Any, session: Any, recorder: Any = None, *, name: str | None = None, version: str | None = None,
                  metrics_cache: Any = None, base: str | os.PathLike | None = None) -> Service:
     """The worker's service: audited when ``config.audit.enabled`` (else a plain Service)."""
+    on_device = getattr(session, "post", None) is not None  # runtime.post_processing (camserve.cam.device)
+    logging.getLogger("camserve.runtime").info(
+        "CAM post-processing: %s", f"ONNX graphs on the {session.device_type} device" if on_device else "numpy on the host")
     kwargs: dict[str, Any] = {"name": name, "version": version, "sampler": _sampler(config, session, recorder)}
     if not config.audit.enabled:
         return Service(session, config.limits, recorder, **kwargs)

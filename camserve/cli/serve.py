@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
             "token_auth": False if args.no_token_auth else None,
             "model_api": True if args.model_api else None,
         },
-        "runtime": {"ort_threads": args.ort_threads},
+        "runtime": {"ort_threads": args.ort_threads, "post_processing": args.post_processing},
     }
     config = load_config(args.config, overrides=overrides)
     instance = start(
@@ -70,6 +70,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-batch-delay", type=int, help="milliseconds to wait to fill a batch")
     p.add_argument("--workers", type=int, help="workers per model version")
     p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads per worker (0 = cores / workers)")
+    p.add_argument("--post-processing", choices=("auto", "host", "device"),
+                   help="where GradCAM-family maps are computed: numpy on the host, or an ONNX graph on the "
+                        "graph's device (default auto: the device under CUDA)")
     p.add_argument("--no-token-auth", action="store_true", help="turn TorchServe token authorization off (all APIs)")
     p.add_argument("--model-api", action="store_true", help="enable model registration through the management API")
     p.set_defaults(func=_serve)
