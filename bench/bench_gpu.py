@@ -142,7 +142,7 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    parser.add_argument("--models", nargs="*", default=["resnet50", "vit_b_16"], help="models to export here (none: --exports only)")
     parser.add_argument("--exports", nargs="*", default=[], help="export directories to bench instead of exporting")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=20)
