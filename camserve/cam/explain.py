@@ -36,7 +36,8 @@ from camserve.cam.dff import DEFAULT_COMPONENTS
 from camserve.cam.guided import guided_pictures
 from camserve.cam.scaling import combine_layers, minmax, resize_maps
 COSINE_RANK = -2  # camserve.export.trace.COSINE_RANK (the graph's similarity mode; no torch import here)
-from camserve.cam.targets import SCORES, Rows, Target, expand_targets, finer_cotangent, resolve_binary, score_cotangent
+from camserve.cam.targets import (SCORES, Rows, Target, check_regions, class_areas, expand_targets, finer_cotangent, resolve_binary,
+                                  score_cotangent)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def explain(
     main_run = session.run if post is None else session.run_on_device
     on_host = post is None or not all(post.serves(s, eigen_smooth) for s in specs)
     if regions is not None:
-        regions = _check_regions(regions, rows, segmentation, aug_smooth, size)
+        regions = check_regions(regions, rows, segmentation, aug_smooth, size)
     if any(s.source == "ablation" for s in specs) and len(layers) != 1:
         raise InputError(f"ablationcam needs exactly one target layer (its head graph starts there), this model has {len(layers)}")
     if aug_smooth and any(s.source in ("guided", "dff") for s in specs):
@@ -316,30 +317,6 @@ def _first_arrays(out: GraphOutputs, rows: Rows, on_host: bool) -> list[np.ndarr
     """Each image's activations (its first row's) for the methods post-processed in numpy;
     none when every method runs on the device (the arrays then never leave it)."""
     return [rows.first_of_each(a) for a in out.activations] if on_host else []
-
-
-def _check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:
-    """Client masks, checked: a segmentation model's, one per image at the input size, with
-    named classes (a client mask has no predicted area to rank by) and no augmentation."""
-    regions = np.asarray(regions, dtype=np.float32)
-    if not segmentation:
-        raise InputError("regions (client masks) apply to segmentation models only")
-    n = int(rows.image.max(initial=-1)) + 1
-    if regions.ndim != 3 or regions.shape[1:] != size or len(regions) < n:
-        raise InputError(f"regions must have shape [{n}, {size[0]}, {size[1]}], got {list(regions.shape)}")
-    client = regions.reshape(len(regions), -1)[:, 0] >= 0
-    if (client[rows.image] & (rows.rank >= 0)).any():
-        raise InputError("a client mask's targets must name classes (top-k ranks by predicted area, which a client mask has not)")
-    if aug_smooth and client.any():
-        raise InputError("aug_smooth is not defined with a client mask (the mask would move with the augmentation)")
-    return regions
-
-
-def class_areas(maps: np.ndarray) -> np.ndarray:
-    """Pixels predicted as each class, float32 ``[N, K]``, of segmentation outputs ``[N, K, H, W]``."""
-    n, k = maps.shape[:2]
-    predicted = maps.argmax(axis=1).reshape(n, -1)
-    return np.stack([np.bincount(row, minlength=k) for row in predicted]).astype(np.float32)
 
 
 def _raw_cams(

@@ -221,3 +221,27 @@ def score_cotangent(score: str, logits: np.ndarray, classes: np.ndarray) -> np.n
     e = np.exp(z - z.max(axis=1, keepdims=True))
     p = e / e.sum(axis=1, keepdims=True)
     return (p[rows, classes][:, None] * (one_hot - p)).astype(np.float32)
+
+
+def check_regions(regions: np.ndarray, rows: Rows, segmentation: bool, aug_smooth: bool, size: tuple[int, int]) -> np.ndarray:
+    """Client masks, checked: a segmentation model's, one per image at the input size, with
+    named classes (a client mask has no predicted area to rank by) and no augmentation."""
+    regions = np.asarray(regions, dtype=np.float32)
+    if not segmentation:
+        raise InputError("regions (client masks) apply to segmentation models only")
+    n = int(rows.image.max(initial=-1)) + 1
+    if regions.ndim != 3 or regions.shape[1:] != size or len(regions) < n:
+        raise InputError(f"regions must have shape [{n}, {size[0]}, {size[1]}], got {list(regions.shape)}")
+    client = regions.reshape(len(regions), -1)[:, 0] >= 0
+    if (client[rows.image] & (rows.rank >= 0)).any():
+        raise InputError("a client mask's targets must name classes (top-k ranks by predicted area, which a client mask has not)")
+    if aug_smooth and client.any():
+        raise InputError("aug_smooth is not defined with a client mask (the mask would move with the augmentation)")
+    return regions
+
+
+def class_areas(maps: np.ndarray) -> np.ndarray:
+    """Pixels predicted as each class, float32 ``[N, K]``, of segmentation outputs ``[N, K, H, W]``."""
+    n, k = maps.shape[:2]
+    predicted = maps.argmax(axis=1).reshape(n, -1)
+    return np.stack([np.bincount(row, minlength=k) for row in predicted]).astype(np.float32)
