@@ -172,8 +172,8 @@ def post_graph(method: str, layers: Sequence[LayerSpec], size: tuple[int, int]) 
         if form == "weights":  # [R, C] over [R, C, h, w]: one batched matmul per map
             rows = g("Unsqueeze", t, g.axes(1))
             flat = g("Reshape", a, g.axes(0, spec.channels, -1))
-            h_w = g("Slice", g("Shape", a), g.axes(2), g.axes(4))
-            shape = g("Concat", g("Slice", g("Shape", a), g.axes(0), g.axes(1)), h_w, axis=0)
+            dims = g("Shape", a)
+            shape = g("Concat", g("Slice", dims, g.axes(0), g.axes(1)), g("Slice", dims, g.axes(2), g.axes(4)), axis=0)  # [R, h, w]
             raw = g("Reshape", g("MatMul", rows, flat), shape)
             magnitude = g("Reshape", g("MatMul", g("Abs", rows), g("Abs", flat)), shape)
         else:
@@ -187,11 +187,9 @@ def post_graph(method: str, layers: Sequence[LayerSpec], size: tuple[int, int]) 
     else:
         stacked = g("Concat", *[g("Unsqueeze", s, g.axes(1)) for s in scaled], axis=1)
         cam = _minmax(g, g.reduce("ReduceMean", g("Relu", stacked), 1))
-        ratio = g("Min", *ratios)
-        any_nan = g("Cast", g.reduce("ReduceMax", g("Cast", g("IsNaN", g("Concat", *[g("Unsqueeze", r, g.axes(0)) for r in ratios],
-                                                                             axis=0)), to=TensorProto.FLOAT), 0),
-                    to=TensorProto.BOOL)
-        ratio = g("Where", any_nan, g.const(np.nan, np.float64), ratio)
+        # numpy's min propagates nan; the ratios are finite or nan, so their sum says if one is
+        any_nan = g("IsNaN", g("Sum", *ratios))
+        ratio = g("Where", any_nan, g.const(np.nan, np.float64), g("Min", *ratios))
     g.nodes.append(helper.make_node("Identity", [cam], ["cam"]))
     g.nodes.append(helper.make_node("Identity", [ratio], ["ratio"]))
     outputs = [helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["R", *size]),
@@ -204,18 +202,18 @@ def post_graph(method: str, layers: Sequence[LayerSpec], size: tuple[int, int]) 
 
 
 class DevicePost:
-    """Post-processing graphs of one export, built and loaded on first use per (method, size),
-    run on the explain graph's outputs where they are (``ort.OrtValue`` on the device, or
-    numpy arrays)."""
+    """Post-processing graphs of one export, one session per (method, size) built on first
+    use (:class:`camserve.pipeline.runtime.GraphSession` asks for them at load), run on the
+    explain graph's outputs where they are (``ort.OrtValue`` on the device, or numpy arrays)."""
+
+    #: the methods it post-processes
+    methods = tuple(DEVICE_METHODS)
 
     def __init__(self, layers: Sequence[LayerSpec], options: ort.SessionOptions, providers: list[Any]) -> None:
         self.layers = list(layers)
         self.options, self.providers = options, providers
         self._sessions: dict[tuple[str, tuple[int, int]], ort.InferenceSession] = {}
         self._lock = threading.Lock()
-
-    #: the methods it post-processes
-    methods = tuple(DEVICE_METHODS)
 
     @staticmethod
     def supports(method: str, eigen_smooth: bool) -> bool:
