@@ -108,6 +108,12 @@ class ServerConfig:
             raise ConfigError("server.host must not be empty")
 
 
+#: where CAM post-processing runs (``runtime.post_processing``): numpy on the host, the
+#: device post-processing graphs (:mod:`camserve.cam.device`) in the session's execution
+#: provider, or ``auto``: on the device when the graph runs on CUDA, else on the host
+POST_PROCESSING = ("auto", "host", "device")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """ONNX Runtime settings inside a worker. ``ort_threads`` 0 = cores / workers.
@@ -127,7 +133,7 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.ort_threads must be >= 0, got {self.ort_threads}")
         if self.providers not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"runtime.providers must be auto, cpu or cuda, got {self.providers!r}")
-        if self.post_processing not in ("auto", "host", "device"):
+        if self.post_processing not in POST_PROCESSING:
             raise ConfigError(f"runtime.post_processing must be auto, host or device, got {self.post_processing!r}")
 
     def threads_for(self, workers: int = 1) -> int:

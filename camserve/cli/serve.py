@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from camserve.config import load_config
+from camserve.config import POST_PROCESSING, load_config
 from camserve.serving.torchserve.server import start, stop
 
 
@@ -70,7 +70,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-batch-delay", type=int, help="milliseconds to wait to fill a batch")
     p.add_argument("--workers", type=int, help="workers per model version")
     p.add_argument("--ort-threads", type=int, help="ONNX Runtime intra-op threads per worker (0 = cores / workers)")
-    p.add_argument("--post-processing", choices=("auto", "host", "device"),
+    p.add_argument("--post-processing", choices=POST_PROCESSING,
                    help="where GradCAM-family maps are computed: numpy on the host, or an ONNX graph on the "
                         "graph's device (default auto: the device under CUDA)")
     p.add_argument("--no-token-auth", action="store_true", help="turn TorchServe token authorization off (all APIs)")

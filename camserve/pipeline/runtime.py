@@ -21,6 +21,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort  # noqa: E402
 
+from camserve.config import POST_PROCESSING  # noqa: E402
 from camserve.errors import InputError, ManifestError  # noqa: E402
 from camserve.pipeline import malloc  # noqa: E402
 from camserve.manifest import Manifest, sha256_file  # noqa: E402
@@ -118,12 +119,6 @@ class GraphOutputs:
     logits: np.ndarray
     activations: list[np.ndarray]
     gradients: list[np.ndarray]
-
-
-#: where CAM post-processing runs (``runtime.post_processing``): numpy on the host, the
-#: device post-processing graphs (:mod:`camserve.cam.device`) in the session's execution
-#: provider, or ``auto``: on the device when the graph runs on CUDA, else on the host
-POST_PROCESSING = ("auto", "host", "device")
 
 
 class DeviceOutputs:
