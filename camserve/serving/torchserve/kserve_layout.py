@@ -31,7 +31,7 @@ PORTS = {"inference": 8085, "management": 8081, "metrics": 8082, "grpc_inference
 def layout_properties(layout: Path, *, mount: str = MOUNT, host: str = "0.0.0.0",
                       ports: dict[str, int] | None = None, config: Config | None = None) -> str:
     """``config.properties`` for every archive in ``layout/model-store`` (paths under ``mount``)."""
-    from camserve.serving.torchserve.server import limit_properties, model_entries
+    from camserve.serving.torchserve.properties import limit_properties, model_entries
 
     config = config or load_config()
     ports = {**PORTS, **(ports or {})}

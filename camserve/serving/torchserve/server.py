@@ -18,181 +18,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from camserve.audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
 from camserve.config import CONFIG_ENV, PORT_FIELDS, Config, to_env
-from camserve.errors import CamserveError
+from camserve.serving.torchserve.instance import Instance, ServerError, free_port
 from camserve.serving.torchserve.java import find_java
 from camserve.serving.torchserve.load_errors import load_failures
-from camserve.audit.metrics import write_metrics_config  # camserve's metrics YAML plus the audit counters
+from camserve.serving.torchserve.properties import (
+    check_ports,
+    limit_properties,
+    mar_identity,
+    model_entries,
+    properties,
+    resolve_ports,
+    version_key,
+)
 
-class ServerError(CamserveError):
-    """TorchServe cannot be started, found or stopped."""
-
-    kind = "server_error"
-    status = 500
-
-
-# ---------------------------------------------------------------------- config ---
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def version_key(version: str) -> tuple:
-    """Sort key: numeric parts compare as numbers ("1.10" > "1.9")."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", version))
-
-
-def mar_identity(path: Path) -> tuple[str, str]:
-    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            model = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
-        return model["modelName"], str(model.get("modelVersion") or "1.0")
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise ServerError(f"{path} is not a readable model archive: {exc}") from None
-
-
-@dataclass(frozen=True)
-class Instance:
-    """A running (or configured) TorchServe instance and where to reach it."""
-
-    run_dir: Path
-    inference_url: str
-    management_url: str
-    metrics_url: str
-    models: dict[str, list[str]]
-    pid: int = 0
-    #: ``{"NAME VERSION": reason}``: versions whose worker died while loading at start
-    #: (TorchServe keeps retrying them with back-off; every other version is READY).
-    failed: dict[str, str] = field(default_factory=dict)
-    #: The token-free health check (:mod:`camserve.serving.torchserve.health`): its address and process.
-    health_url: str = ""
-    health_pid: int = 0
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> Instance:
-        path = Path(run_dir) / "state.json"
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise ServerError(f"no camserve server state in {run_dir} (was it started with camserve serve?)") from None
-        return cls(run_dir=Path(data.pop("run_dir")), **data)
-
-    def save(self) -> None:
-        data = dict(self.__dict__, run_dir=str(self.run_dir))
-        (self.run_dir / "state.json").write_text(json.dumps(data, indent=2) + "\n")
-
-    def key(self, api: str = "management") -> str | None:
-        """The token for ``api`` (management or inference); None when token auth is off."""
-        path = self.run_dir / "key_file.json"
-        if not path.is_file():
-            return None
-        return json.loads(path.read_text()).get(api, {}).get("key")
-
-    def env(self) -> dict[str, str]:
-        tmp = str(self.run_dir / "tmp")
-        logs = str(self.run_dir / "logs")
-        return {"TMPDIR": tmp, "TEMP": tmp, "LOG_LOCATION": logs, "METRICS_LOCATION": logs, "ORT_DISABLE_TELEMETRY": "1"}
-
-
-def resolve_ports(config: Config) -> Config:
-    """Replace every port 0 with a free loopback port."""
-    ports = {name: free_port() for name in PORT_FIELDS if getattr(config.server, name) == 0}
-    return config.with_overrides({"server": ports}) if ports else config
-
-
-def check_ports(config: Config, inference_host: str | None = None) -> None:
-    """Refuse ports already taken, before starting: a gRPC clash would kill the server later."""
-    s = config.server
-    for name in PORT_FIELDS:
-        host = inference_host if name in ("inference_port", "health_port") and inference_host else s.host
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, getattr(s, name)))
-            except OSError as exc:
-                raise ServerError(
-                    f"{name.replace('_', ' ')} {getattr(s, name)} on {host} is not available ({exc.strerror}); "
-                    f"choose another with --{name.replace('_', '-')} (0 = a free one)"
-                ) from None
-
-
-def model_entries(mars: list[Path], *, workers: int, batch_size: int, max_batch_delay_ms: int,
-                  response_timeout_s: int) -> dict[str, dict[str, Any]]:
-    """``{name: {version: settings}}`` of the archives, as config.properties lists models;
-    the highest version of each name is the default (it answers ``/predictions/NAME``)."""
-    models: dict[str, dict[str, Any]] = {}
-    for mar in mars:
-        name, version = mar_identity(mar)
-        models.setdefault(name, {})[version] = {
-            "marName": mar.name,
-            "minWorkers": workers,
-            "maxWorkers": workers,
-            "batchSize": batch_size,
-            "maxBatchDelay": max_batch_delay_ms,
-            "responseTimeout": response_timeout_s,
-        }
-    for versions in models.values():
-        versions[max(versions, key=version_key)]["defaultVersion"] = True
-    return models
-
-
-def limit_properties(config: Config) -> dict[str, Any]:
-    """The properties every camserve TorchServe shares: body and response ceilings, timeout,
-    camserve's own metrics only, no per-model pip installs."""
-    return {
-        "max_request_size": config.frontend_max_request_bytes,
-        "max_response_size": max(config.limits.max_body_bytes, 64 * 1024 * 1024),
-        "default_response_timeout": config.server.response_timeout_s,
-        "install_py_dep_per_model": "false",
-        "disable_system_metrics": "true",
-    }
-
-
-def properties(config: Config, run_dir: Path, model_store: Path, mars: list[Path], inference_host: str | None) -> str:
-    """The generated ``config.properties`` text."""
-    s = config.server
-    host = s.host
-    models = model_entries(mars, workers=s.workers, batch_size=min(s.batch_size, config.limits.max_batch_size),
-                           max_batch_delay_ms=s.max_batch_delay_ms, response_timeout_s=s.response_timeout_s)
-    lines = {
-        "inference_address": f"http://{inference_host or host}:{s.inference_port}",
-        "management_address": f"http://{host}:{s.management_port}",
-        "metrics_address": f"http://{host}:{s.metrics_port}",
-        "grpc_inference_address": host,
-        "grpc_management_address": host,
-        "grpc_inference_port": s.grpc_inference_port,
-        "grpc_management_port": s.grpc_management_port,
-        "model_store": model_store,
-        "load_models": ",".join(m.name for m in mars),
-        "models": json.dumps(models, separators=(",", ":")),
-        "disable_token_authorization": str(not s.token_auth).lower(),
-        "token_expiration_min": s.token_expiration_min,
-        "enable_model_api": str(s.model_api).lower(),
-        "metrics_mode": "prometheus",
-        "metrics_config": run_dir / "metrics.yaml",
-        "vmargs": f"-Xmx{s.java_heap} -XX:-UsePerfData -Djava.io.tmpdir={run_dir / 'tmp'}",
-        **limit_properties(config),
-    }
-    return "".join(f"{k}={v}\n" for k, v in lines.items())
-
-
-# ------------------------------------------------------------------- lifecycle ---
-
+#: Where these names lived before the split; callers keep importing them from here.
+__all__ = ["Instance", "ServerError", "check_ports", "free_port", "limit_properties", "mar_identity", "model_entries",
+           "properties", "resolve_ports", "start", "stop", "version_key", "wait_ready"]
 
 def _request(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, Any]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
