@@ -11,7 +11,7 @@ import torchvision
 
 from _detection_fixture import exported_detector, shapes_detector
 from camserve.pipeline import detection
-from camserve.pipeline.render import summarize
+from camserve.pipeline.summary import summarize
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402

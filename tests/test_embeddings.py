@@ -109,7 +109,7 @@ def test_similarity_cam_lands_on_the_shape_of_a_trained_embedding_net(tmp_path):
     GradCAM reaches 83% and is held to 80%."""
     from camserve.demo import shapes as demo
     from camserve.export import export_model
-    from camserve.pipeline import render
+    from camserve.pipeline.summary import summarize
     from _shapes_fixture import trained_shapes
 
     model, info = trained_shapes()
@@ -129,12 +129,12 @@ def test_similarity_cam_lands_on_the_shape_of_a_trained_embedding_net(tmp_path):
     images = demo.normalize(data.images, info.mean, info.std)
     out = explain(session, images, [[int(c)] for c in data.labels], ["gradcam++", "layercam", "gradcam"], concepts=concepts)
     for method, floor in (("gradcam++", 0.9), ("layercam", 0.9), ("gradcam", 0.8)):
-        peaks = render.summarize(np.concatenate(out.cams[method])).peak
+        peaks = summarize(np.concatenate(out.cams[method])).peak
         x, y, b = peaks[:, 0], peaks[:, 1], data.boxes
         hits = (b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])
         assert hits.mean() >= floor, f"{method}: similarity CAM peak inside the shape box on {hits.mean():.0%} of 60 images"
     # the criterion discriminates: another class's concept does not find the shape as often
     other = explain(session, images, [[(int(c) + 1) % len(demo.CLASSES)] for c in data.labels], ["layercam"], concepts=concepts)
-    peaks = render.summarize(np.concatenate(other.cams["layercam"])).peak
+    peaks = summarize(np.concatenate(other.cams["layercam"])).peak
     x, y, b = peaks[:, 0], peaks[:, 1], data.boxes
     assert ((b[:, 0] <= x) & (x <= b[:, 2]) & (b[:, 1] <= y) & (y <= b[:, 3])).mean() < 0.9

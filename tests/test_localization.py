@@ -3,7 +3,7 @@
 The small CNN from :mod:`camserve.demo.shapes` is trained in the test session (seconds), exported
 with ``camserve.export``, and explained through ONNX Runtime (``GraphSession``) with
 ``camserve.cam.explain``. On 100 held-out images the GradCAM and GradCAM++ peak (the
-argmax of the map at input resolution, via ``camserve.pipeline.render.summarize``) must fall inside
+argmax of the map at input resolution, via ``camserve.pipeline.summary.summarize``) must fall inside
 the shape's bounding box at least 90 % of the time.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from camserve.demo import shapes as demo
-from camserve.pipeline import render
+from camserve.pipeline.summary import summarize
 
 from _shapes_fixture import exported_shapes, trained_shapes
 
@@ -59,7 +59,7 @@ def test_cam_peak_falls_inside_the_shape(explained, method):
     _, info, _, data, result, cams = explained
     assert cams[method].shape == (100, info.input_size, info.input_size)
     assert result.classes == [[int(label)] for label in data.labels]
-    summary = render.summarize(cams[method])
+    summary = summarize(cams[method])
     assert not summary.empty.any()
     hits = _inside(summary.peak, data.boxes)
     assert hits.mean() >= 0.90, f"{method}: peak inside the shape box for {hits.mean():.0%} of 100 images"
@@ -69,5 +69,5 @@ def test_cam_peak_falls_inside_the_shape(explained, method):
     assert _inside(centre, data.boxes).mean() < 0.6
     assert _inside(summary.peak, np.roll(data.boxes, 1, axis=0)).mean() < 0.5
     # explaining the predicted class (target=top1, what the server does by default) too
-    top1_hits = _inside(render.summarize(cams[(method, "top1")]).peak, data.boxes)
+    top1_hits = _inside(summarize(cams[(method, "top1")]).peak, data.boxes)
     assert top1_hits.mean() >= 0.90, f"{method} top-1: peak inside the box for {top1_hits.mean():.0%}"

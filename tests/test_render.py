@@ -1,4 +1,4 @@
-"""camserve.pipeline.render: summaries against hand-computed numbers, encoder round trips, errors."""
+"""camserve.pipeline.render and .summary: summaries against hand-computed numbers, encoder round trips, errors."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from camserve.pipeline import render
+from camserve.pipeline.summary import Summary, summarize
 from camserve.demo.sheet import contact_sheet, contact_sheet_png
 from camserve.errors import InputError
 
 
-def _one(summary: render.Summary) -> dict:
+def _one(summary: Summary) -> dict:
     (d,) = summary.as_dicts()
     return d
 
@@ -25,7 +26,7 @@ def _one(summary: render.Summary) -> dict:
 def test_single_hot_pixel():
     cam = np.zeros((1, 10, 10), np.float32)
     cam[0, 3, 7] = 1.0  # row 3, column 7 -> (x, y) = (7, 3)
-    d = _one(render.summarize(cam))
+    d = _one(summarize(cam))
     assert d["peak"] == [7, 3]
     assert d["box"] == [7, 3, 7, 3]
     assert d["box_mass"] == 1.0
@@ -36,7 +37,7 @@ def test_single_hot_pixel():
 
 def test_uniform_map_ties_are_all_in():
     cam = np.full((1, 8, 8), 0.5, np.float32)
-    d = _one(render.summarize(cam))
+    d = _one(summarize(cam))
     assert d["peak"] == [0, 0]  # first maximum in raster order
     assert d["box"] == [0, 0, 7, 7]  # 20 % of the mass needs 13 pixels, but all 64 tie
     assert d["box_mass"] == 1.0 and d["box_area"] == 1.0
@@ -49,7 +50,7 @@ def test_box_on_background():
     cam = np.full((1, 10, 20), 0.25, np.float32)
     cam[0, 2:5, 5:10] = 1.0
     total = 15 * 1.0 + 185 * 0.25  # 61.25; 20 % = 12.25 <= 15, so the hot box alone
-    d = _one(render.summarize(cam))
+    d = _one(summarize(cam))
     assert d["peak"] == [5, 2]
     assert d["box"] == [5, 2, 9, 4]
     assert d["box_mass"] == pytest.approx(15 / total, abs=1e-6)
@@ -67,22 +68,22 @@ def test_top_set_grows_by_whole_level_sets():
     cam[0, 2, 2] = 1.0
     total = 5.5
     # 20 % = 1.1 > 1.0: the centre is not enough, the next level (all four 0.5s) comes in.
-    d = _one(render.summarize(cam))
+    d = _one(summarize(cam))
     assert d["box"] == [1, 1, 3, 3]
     assert d["box_mass"] == pytest.approx((1.0 + 4 * 0.5 + 4 * 0.125) / total)
     # 15 % = 0.825 <= 1.0: the centre alone.
-    d = _one(render.summarize(cam, top_mass=0.15))
+    d = _one(summarize(cam, top_mass=0.15))
     assert d["box"] == [2, 2, 2, 2] and d["box_mass"] == pytest.approx(1.0 / total)
     assert d["top_mass"] == 0.15
     # 70 % = 3.85 > 3.0: every pixel.
-    assert _one(render.summarize(cam, top_mass=0.7))["box"] == [0, 0, 4, 4]
+    assert _one(summarize(cam, top_mass=0.7))["box"] == [0, 0, 4, 4]
 
 
 def test_coordinates_scale_to_the_input_image():
     cam = np.zeros((1, 7, 7), np.float32)
     cam[0, 2, 3] = 1.0
     # image 224 high, 448 wide: one CAM pixel spans 64 x 32 image pixels
-    d = _one(render.summarize(cam, image_size=(224, 448)))
+    d = _one(summarize(cam, image_size=(224, 448)))
     assert d["peak"] == [int(3.5 * 64), int(2.5 * 32)]
     assert d["box"] == [3 * 64, 2 * 32, 4 * 64 - 1, 3 * 32 - 1]
 
@@ -90,7 +91,7 @@ def test_coordinates_scale_to_the_input_image():
 def test_empty_map_and_batch_mix():
     cams = np.zeros((2, 6, 6), np.float32)
     cams[1, 5, 0] = 0.5
-    out = render.summarize(cams).as_dicts()
+    out = summarize(cams).as_dicts()
     assert out[0]["empty"] is True and out[0]["peak"] is None and out[0]["box"] is None
     assert out[0]["entropy_bits"] is None and out[0]["box_mass"] == 0.0
     assert out[1]["peak"] == [0, 5] and out[1]["box"] == [0, 5, 0, 5]
@@ -117,7 +118,7 @@ def test_batch_matches_brute_force(shape):
     low = rng.random((5, 4, 4), dtype=np.float32) ** 3
     cams = np.clip(render.resize_maps(low, shape), 0, 1)
     cams /= cams.max(axis=(1, 2), keepdims=True)
-    summary = render.summarize(cams)
+    summary = summarize(cams)
     for i, d in enumerate(summary.as_dicts()):
         box, mass = _reference_box(cams[i], 0.2)
         assert d["box"] == box and d["box_mass"] == pytest.approx(mass, abs=1e-5)
@@ -126,7 +127,7 @@ def test_batch_matches_brute_force(shape):
         p = p[p > 0]
         assert d["entropy_bits"] == pytest.approx(-(p * np.log2(p)).sum(), abs=1e-4)
         # each map alone gives the same answer as inside the batch
-        assert render.summarize(cams[i : i + 1]).as_dicts()[0] == d
+        assert summarize(cams[i : i + 1]).as_dicts()[0] == d
 
 
 # ------------------------------------------------------------------ encoders ---------
@@ -218,7 +219,7 @@ def test_overlay_batch_equals_single():
     ],
 )
 def test_bad_cams_name_the_value(cams, fragment):
-    for fn in (render.summarize, render.heatmap_png, render.to_float16):
+    for fn in (summarize, render.heatmap_png, render.to_float16):
         with pytest.raises(InputError, match=fragment):
             fn(cams)
 
@@ -241,7 +242,7 @@ def test_bad_overlay_arguments():
     with pytest.raises(InputError, match="3 cams for 2 images"):
         render.overlay_batch(np.zeros((2, 5, 5, 3), np.uint8), np.zeros((3, 5, 5), np.float32))
     with pytest.raises(InputError, match="0.0"):
-        render.summarize(np.ones((1, 3, 3), np.float32), top_mass=0.0)
+        summarize(np.ones((1, 3, 3), np.float32), top_mass=0.0)
     with pytest.raises(InputError, match="5 bytes"):
         render.decode_image(b"hello")
 

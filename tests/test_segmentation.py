@@ -168,7 +168,7 @@ def test_class_cam_peaks_inside_the_shape_of_a_trained_segmenter(tmp_path):
     from _shapes_fixture import trained_shapes
     from camserve.demo import segmenter, shapes
     from camserve.export import export_model
-    from camserve.pipeline.render import summarize
+    from camserve.pipeline.summary import summarize
 
     model, info = trained_shapes()
     seg = segmenter.build_segmenter(model, info.mean, info.std)

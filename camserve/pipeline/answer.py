@@ -16,6 +16,7 @@ import numpy as np
 from camserve import heads
 from camserve.concepts import cosine
 from camserve.pipeline import render
+from camserve.pipeline.summary import summarize
 from camserve.pipeline.params import RequestParams
 from camserve.pipeline.scoring import as_json
 
@@ -75,7 +76,7 @@ class Answers:
         for method in params.methods:
             cams = np.asarray(result["cams"][method][i], dtype=np.float32)  # [T, h, w]
             cams = render.check_cams(cams)
-            summaries = render.summarize(cams, image_size=size).as_dicts()  # in input-image pixels
+            summaries = summarize(cams, image_size=size).as_dicts()  # in input-image pixels
             ratios = result["ratios"].get(method)
             self._flag_degenerate(method, summaries, None if ratios is None else ratios[i])
             pngs = render.heatmap_png(cams) if "png" in params.output else None

@@ -245,6 +245,7 @@ def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
     import base64
 
     from camserve.pipeline import render
+    from camserve.pipeline.summary import summarize
 
     out: Explained = result["explained"]
     params = item.params
@@ -257,7 +258,7 @@ def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
                                  "predictions": found}
         if params.explain and out.cams is not None:
             cam = out.cams[i]
-            summary = render.summarize(cam[None], image_size=(int(rgb.shape[0]), int(rgb.shape[1]))).as_dicts()[0]
+            summary = summarize(cam[None], image_size=(int(rgb.shape[0]), int(rgb.shape[1]))).as_dicts()[0]
             summary["signal_ratio"] = None
             summary["degenerate"] = not found
             summary["degenerate_reason"] = None if found else "no detection kept: the map is zero"
