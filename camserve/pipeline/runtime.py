@@ -48,19 +48,20 @@ def create_session(model: str | Path | bytes, options: ort.SessionOptions, provi
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=options, providers=providers)
 
 
-def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+def session_options(intra_op_threads: int | None = None, spin: bool | None = None) -> ort.SessionOptions:
     """Session options set on purpose: fixed threads (no oversubscription with several
     workers), full graph optimization, sequential execution, quiet logs. ``CAMSERVE_SPIN=0``
     stops the intra-op threads from spin-waiting after a run: each session has its own
     threads, and where two sessions take turns on the same cores (the benchmarks' side-by-side
-    runs) the idle one's spinning slowed the other's run by up to 1.5x (vit_b_32, batch 1)."""
+    runs) the idle one's spinning slowed the other's run by up to 1.5x (vit_b_32, batch 1).
+    ``spin`` overrides the variable (the device post-processing's sessions never spin)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = intra_op_threads or int(os.environ.get("CAMSERVE_THREADS", "0")) or (os.cpu_count() or 1)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    if os.environ.get("CAMSERVE_SPIN", "1") == "0":
+    if not (spin if spin is not None else os.environ.get("CAMSERVE_SPIN", "1") != "0"):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
@@ -192,8 +193,7 @@ class GraphSession:
             from camserve.cam.device import DevicePost
 
             # its own threads must not spin between runs: they would take the cores from the next graph run
-            post_options = session_options(intra_op_threads)
-            post_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            post_options = session_options(intra_op_threads, spin=False)
             self.post = DevicePost(self.manifest.target_layers, post_options, self.providers)
             for method in self.post.methods:  # at load, not in a first request (every image has the input size)
                 self.post.session(method, self.manifest.input_size)
