@@ -10,6 +10,11 @@ For each model (random weights, exported here with ``check=False``, or taken fro
 - ``explain graph``: image in, logits + activations + gradients back to the host;
 - ``forward, IOBinding`` / ``explain graph, IOBinding``: the image bound on the device once,
   every output left on it (the fair pair: neither pays for the transfers);
+- ``explain graph, no one-hot shortcut, IOBinding``: the same graph with
+  :mod:`camserve.export.one_hot`'s two rewrites undone (:func:`without_shortcut`). On CUDA
+  both read a value computed on the device from the CPU (``If``'s condition, ``TopK``'s
+  ``k``), which can stall the stream where the forward is launch-bound; this row says
+  whether they pay for themselves there as they do on the CPU;
 - ``explain() + gradcam``: camserve's whole CAM call (graph + numpy post-processing);
 - ``explain() + gradcam, device post``: the same with ``runtime.post_processing = device``
   (:mod:`camserve.cam.device`: the post-processing as an ONNX graph in the same provider,
@@ -60,6 +65,46 @@ def export(name: str, work: Path) -> Path:
     return out
 
 
+def without_shortcut(src: Path, dst: Path) -> bool:
+    """Write ``src`` (an explain graph) to ``dst`` with the one-hot shortcut undone: the ``If``
+    replaced by its ``MatMul`` branch, ``TopK`` sorting every class again, and the nodes
+    that fed only those removed. False (nothing written) where ``src`` has neither."""
+    import onnx
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    nodes = list(graph.node)
+    changed = False
+    for i, node in enumerate(nodes):
+        if node.op_type == "If" and node.input[0].endswith("__all_ranked"):
+            branch = next(a.g for a in node.attribute if a.name == "else_branch")
+            (matmul,) = branch.node
+            nodes[i] = onnx.helper.make_node("MatMul", list(matmul.input), list(node.output), name=f"{node.name}__matmul")
+            changed = True
+        elif node.op_type == "TopK" and node.input[1].endswith("__k"):
+            last = next((n for n in nodes if f"{node.output[1]}__last_rank" in n.output), None)  # Sub(K, 1)
+            if last is not None:
+                node.input[1] = last.input[0]  # K: every class
+            else:  # exports before session 16: Min(wanted, K)
+                node.input[1] = next(n for n in nodes if node.input[1] in n.output).input[1]
+            changed = True
+    if not changed:
+        return False
+    needed = {o.name for o in graph.output}
+    kept: list = []
+    for node in reversed(nodes):  # drop what nothing reads any more
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in a.g.node for i in n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    onnx.save(model, str(dst))
+    return True
+
+
 def torch_gradcam(acts: Any, grads: Any, size: tuple[int, int]) -> np.ndarray:
     """GradCAM on the device (NCHW): weights, weighted sum, ReLU, bilinear resize, min-max."""
     import torch
@@ -88,6 +133,10 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
         raise RuntimeError(f"no CUDA provider in the session: {session.session.get_providers()}")
     m = session.manifest
     layer = m.target_layers[0]
+    plain = None  # the graph without the one-hot shortcut, where it has one (written beside, not into, the export)
+    plain_file = Path(tempfile.mkdtemp(prefix="camserve-gpu-plain-")) / "model.onnx"
+    if without_shortcut(directory / "model.onnx", plain_file):
+        plain = ort.InferenceSession(str(plain_file), session.options, providers=PROVIDERS)
     rows = []
     for n in batches:
         x = np.random.default_rng(n).standard_normal((n, 3, *m.input_size)).astype(np.float32)
@@ -107,6 +156,19 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
         def bound() -> None:
             session.session.run_with_iobinding(binding)
 
+        if plain is not None:  # the same bindings on the graph without the one-hot shortcut
+            pbinding = plain.io_binding()
+            pbinding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(x, DEVICE, 0))
+            pbinding.bind_cpu_input("cotangent", cot)
+            pbinding.bind_cpu_input("target_rank", rank)
+            pbuffers = [torch.empty(s, dtype=torch.float32, device=DEVICE) for s in shapes]
+            for name, buf in zip(names, pbuffers):
+                pbinding.bind_output(name, DEVICE, 0, np.float32, list(buf.shape), buf.data_ptr())
+            plain.run_with_iobinding(pbinding)
+            bound()
+            worst = max(float((a - b).abs().max()) for a, b in zip(buffers, pbuffers))
+            print(f"{m.model_name} N={n}: without the shortcut the outputs differ by at most {worst:.2e}", file=sys.stderr, flush=True)
+
         forward = session.forward  # the forward-only graph, bound the same way: image and logits on the device
         fbinding = forward.io_binding()
         fbinding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(x, DEVICE, 0))
@@ -123,6 +185,7 @@ def bench_model(directory: Path, batches: list[int], repeats: int) -> list[dict[
             "explain graph": lambda: session.run(x, cot, target_rank=rank),
             "forward, IOBinding": forward_bound,
             "explain graph, IOBinding": bound,
+            **({"explain graph, no one-hot shortcut, IOBinding": lambda: plain.run_with_iobinding(pbinding)} if plain is not None else {}),
             "explain() + gradcam": lambda: explain(session, x, [[3]] * n, ["gradcam"]),
             "explain() + gradcam, device post": lambda: explain(on_device, x, [[3]] * n, ["gradcam"]),
             "gradcam post, ONNX (device)": lambda: on_device.post.run("gradcam", left.values, tuple(m.input_size)),

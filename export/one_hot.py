@@ -15,7 +15,9 @@ rewrites, exact for every input:
   exact zeros, so both branches give the same bits).
 
 At batch 1 that is 0.23 of efficientnet_b0's 0.5 ms over its forward (2% of the run) and a
-fifth of the sort. Graphs without the pattern (segmentation's spatial cotangent, an
+fifth of the sort. Both read ``target_rank`` through ``min(target_rank, K - 1)``, with ``K``
+from the logits' ``Shape``, so that on a GPU the few integer nodes that decide the branch and
+``k`` run on the host and the stream never waits for them (:func:`_capped_ranks`). Graphs without the pattern (segmentation's spatial cotangent, an
 embedding's cosine rows, a head whose weight is not a constant 2-d matrix) are unchanged.
 """
 
@@ -38,11 +40,15 @@ def shortcut_one_hot(model: onnx.ModelProto) -> onnx.ModelProto:
         if found is None:
             continue
         ranked, classes, topk = found
-        for matmul in consumers.get(where.output[0], []):
-            if matmul.op_type == "MatMul" and matmul.input[0] == where.output[0] and _constant_2d(matmul.input[1], graph, producers):
-                _gather_if_ranked(graph, matmul, ranked, classes)
-        if topk is not None and not topk.input[1].endswith("__k") and _only_ranked_reads(topk, consumers, producers):
-            _shallow_sort(graph, topk)
+        matmuls = [m for m in consumers.get(where.output[0], []) if m.op_type == "MatMul" and m.input[0] == where.output[0]
+                   and _constant_2d(m.input[1], graph, producers)]
+        fresh = topk is not None and not topk.input[1].endswith("__k")
+        sort = fresh and _only_ranked_reads(topk, consumers, producers)
+        capped = _capped_ranks(graph, topk) if fresh and (matmuls or sort) else None
+        for matmul in matmuls:
+            _gather_if_ranked(graph, matmul, ranked, classes, capped)
+        if sort:
+            _shallow_sort(graph, topk, capped)
     return model
 
 
@@ -103,13 +109,43 @@ def _node(graph_nodes: list[onnx.NodeProto], op: str, inputs: list[str], output:
     return output
 
 
-def _gather_if_ranked(graph: onnx.GraphProto, matmul: onnx.NodeProto, ranked: str, classes: str) -> None:
-    """Replace ``matmul`` by ``If(all(ranked), Gather(W, classes), MatMul(...))``."""
+def _capped_ranks(graph: onnx.GraphProto, topk: onnx.NodeProto) -> str:
+    """``min(target_rank, K - 1)``, inserted before ``topk`` (``K`` its ``k``: the class count).
+
+    The ``If``'s condition and the sort's ``k`` are computed from it. Its first node reads
+    the class count, which the exporter takes from ``Shape(logits)``: a value on the CPU
+    under every execution provider. ONNX Runtime's CUDA provider keeps a node on the CPU
+    when it reads such a value and otherwise only graph inputs and small constants
+    (``GetCpuPreferredNodes``), so the whole chain runs there and the ``If`` (whose
+    condition) and ``TopK`` (whose ``k``) read host memory need no device-to-host copy,
+    which would wait for the forward to finish. Reading ``target_rank`` alone, the chain
+    would run on the GPU. Exact: ``min(r, K - 1) >= 0`` iff ``r >= 0``, and
+    ``max(min(r, K - 1)) + 1 = min(max(r) + 1, K)``."""
+    out = topk.output[1]
+    pre: list[onnx.NodeProto] = []
+    one = helper.make_tensor(f"{out}__one", TensorProto.INT64, [1], [1])
+    pre.append(helper.make_node("Constant", [], [f"{out}__one"], value=one, name=f"{out}__one__node"))
+    last = _node(pre, "Sub", [topk.input[1], f"{out}__one"], f"{out}__last_rank")
+    capped = _node(pre, "Min", ["target_rank", last], f"{out}__capped_rank")
+    _replace(graph, topk, pre + [topk])
+    return capped
+
+
+def _gather_if_ranked(graph: onnx.GraphProto, matmul: onnx.NodeProto, ranked: str, classes: str,
+                      capped: str | None = None) -> None:
+    """Replace ``matmul`` by ``If(all(ranked), Gather(W, classes), MatMul(...))``; the condition
+    from ``capped`` (:func:`_capped_ranks`) where given, else from ``ranked``."""
     out, (cot, weight) = matmul.output[0], list(matmul.input)
     pre: list[onnx.NodeProto] = []
-    flags = _node(pre, "Cast", [ranked], f"{out}__ranked_i32", to=TensorProto.INT32)
-    lowest = _node(pre, "ReduceMin", [flags], f"{out}__all_ranked_i32", keepdims=0)
-    cond = _node(pre, "Cast", [lowest], f"{out}__all_ranked", to=TensorProto.BOOL)
+    if capped is not None:
+        zero = helper.make_tensor(f"{out}__zero", TensorProto.INT64, [], [0])
+        pre.append(helper.make_node("Constant", [], [f"{out}__zero"], value=zero, name=f"{out}__zero__node"))
+        lowest = _node(pre, "ReduceMin", [capped], f"{out}__lowest_rank", keepdims=0)
+        cond = _node(pre, "GreaterOrEqual", [lowest, f"{out}__zero"], f"{out}__all_ranked")
+    else:
+        flags = _node(pre, "Cast", [ranked], f"{out}__ranked_i32", to=TensorProto.INT32)
+        lowest = _node(pre, "ReduceMin", [flags], f"{out}__all_ranked_i32", keepdims=0)
+        cond = _node(pre, "Cast", [lowest], f"{out}__all_ranked", to=TensorProto.BOOL)
     flat = helper.make_tensor(f"{out}__flat_shape", TensorProto.INT64, [1], [-1])
     then_nodes: list[onnx.NodeProto] = [helper.make_node("Constant", [], [f"{out}__flat"], value=flat, name=f"{out}__flat__node")]
     rows = _node(then_nodes, "Reshape", [classes, f"{out}__flat"], f"{out}__classes")
@@ -125,16 +161,14 @@ def _gather_if_ranked(graph: onnx.GraphProto, matmul: onnx.NodeProto, ranked: st
     _replace(graph, matmul, pre + [branch])
 
 
-def _shallow_sort(graph: onnx.GraphProto, topk: onnx.NodeProto) -> None:
-    """``TopK(logits, K)`` -> ``TopK(logits, clip(max(target_rank) + 1, 1, K))``."""
+def _shallow_sort(graph: onnx.GraphProto, topk: onnx.NodeProto, capped: str) -> None:
+    """``TopK(logits, K)`` -> ``TopK(logits, max(max(capped) + 1, 1))``, which is
+    ``clip(max(target_rank) + 1, 1, K)`` (:func:`_capped_ranks`; its ``one`` is reused)."""
     out = topk.output[1]
     pre: list[onnx.NodeProto] = []
-    one = helper.make_tensor(f"{out}__one", TensorProto.INT64, [1], [1])
-    pre.append(helper.make_node("Constant", [], [f"{out}__one"], value=one, name=f"{out}__one__node"))
-    deepest = _node(pre, "ReduceMax", ["target_rank"], f"{out}__deepest", keepdims=1)
+    deepest = _node(pre, "ReduceMax", [capped], f"{out}__deepest", keepdims=1)
     wanted = _node(pre, "Add", [deepest, f"{out}__one"], f"{out}__wanted")
-    at_least_one = _node(pre, "Max", [wanted, f"{out}__one"], f"{out}__at_least_one")
-    k = _node(pre, "Min", [at_least_one, topk.input[1]], f"{out}__k")
+    k = _node(pre, "Max", [wanted, f"{out}__one"], f"{out}__k")
     topk.input[1] = k
     _replace(graph, topk, pre + [topk])
     # the exporter declared the outputs [N, K]: a stale shape lets the memory planner hand

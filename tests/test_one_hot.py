@@ -51,7 +51,7 @@ def test_graphs_gather_the_ranked_rows_and_sort_no_deeper_than_asked(exported) -
     assert [n.op_type for n in branches["then_branch"].node] == ["Constant", "Reshape", "Gather"]
     assert [n.op_type for n in branches["else_branch"].node] == ["MatMul"]
     (topk,) = [n for n in graph.node if n.op_type == "TopK"]
-    assert producers[topk.input[1]].op_type == "Min"
+    assert producers[topk.input[1]].op_type == "Max"
     assert not any(n.op_type == "MatMul" and "where" in n.input[0] for n in graph.node)
     ops = [n.op_type for n in graph.node]
     again = shortcut_one_hot(onnx.load(str(out / "model.onnx")))  # nothing left to rewrite
@@ -89,3 +89,53 @@ def test_ranked_rows_match_torch_and_the_explicit_one_hot_bit_for_bit(exported) 
     _, _, product = _run(session, x, one_hot, [-1] * 4)
     np.testing.assert_array_equal(gathered, product)
     assert np.abs(gathered).max() > 0
+
+
+def _host_values(graph: onnx.GraphProto) -> set[str]:
+    """The values ONNX Runtime's CUDA provider computes on the CPU, by its own rule
+    (``GetCpuPreferredNodes`` in onnxruntime/core/framework/fallback_cpu_capability.cc): a
+    ``Shape``'s output is on the CPU, and so is the output of a node that reads at least one
+    such value and otherwise only graph inputs and small constants."""
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = {c for c in constants if not any(i.name == c and np.prod(i.dims) > 100 for i in graph.initializer)}
+    inputs = {i.name for i in graph.input}
+    host = {o for n in graph.node if n.op_type == "Shape" for o in n.output}
+    for node in graph.node:  # topologically sorted: one pass
+        reads = [i for i in node.input if i]
+        if node.op_type not in ("Shape", "Constant") and any(i in host for i in reads) \
+                and all(i in host or i in constants or i in inputs for i in reads):
+            host.update(node.output)
+    return host
+
+
+def test_the_branch_and_the_sort_depth_are_decided_on_the_host(exported) -> None:
+    """On a GPU, an ``If`` reads its condition and ``TopK`` its ``k`` from host memory: computed
+    on the device, each would be copied back mid-graph, the stream waiting for the forward."""
+    _, out = exported
+    graph = onnx.load(str(out / "model.onnx")).graph
+    host = _host_values(graph)
+    (branch,) = [n for n in graph.node if n.op_type == "If"]
+    (topk,) = [n for n in graph.node if n.op_type == "TopK"]
+    assert branch.input[0] in host
+    assert topk.input[1] in host
+    assert "logits" not in host and topk.output[1] not in host  # the rule keeps device values on the device
+
+
+@pytest.mark.parametrize("ranks", [[-1, -1, -1, -1], [5, 5, 5, 5], [0, 0, 0, 0], [3, -1, 0, 5]])
+def test_every_rank_pattern_matches_the_full_sort(exported, ranks) -> None:
+    """The depth of the sort and the branch for all-free, deepest, top-1 and mixed rows: the
+    gradients equal those of the explicit one-hot rows (the full sort's classes)."""
+    _, out = exported
+    session = _session(out / "model.onnx")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    free = rng.standard_normal((4, 6)).astype(np.float32)
+    logits, _, grads = _run(session, x, free, ranks)
+    cot = free.copy()
+    order = np.argsort(-logits, axis=1, kind="stable")
+    for row, rank in enumerate(ranks):
+        if rank >= 0:
+            cot[row] = 0
+            cot[row, order[row, rank]] = 1
+    _, _, explicit = _run(session, x, cot, [-1] * 4)
+    np.testing.assert_array_equal(grads, explicit)
