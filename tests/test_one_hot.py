@@ -121,6 +121,47 @@ def test_the_branch_and_the_sort_depth_are_decided_on_the_host(exported) -> None
     assert "logits" not in host and topk.output[1] not in host  # the rule keeps device values on the device
 
 
+#: Inputs that ONNX Runtime's CUDA kernels read from host memory (``InputMemoryType(OrtMemTypeCPUInput, i)``
+#: in onnxruntime/core/providers/cuda): a value computed on the GPU there is copied back mid-run.
+HOST_INPUTS = {"Reshape": [1], "Expand": [1], "Tile": [1], "Slice": [1, 2, 3, 4], "Squeeze": [1], "Unsqueeze": [1],
+               "ReduceSum": [1], "ReduceMean": [1], "ReduceMax": [1], "ReduceMin": [1], "TopK": [1], "If": [0],
+               "ConstantOfShape": [0], "Resize": [1, 2, 3], "Pad": [1, 2, 3], "Range": [0, 1, 2], "Split": [1],
+               "OneHot": [1], "Clip": [1, 2], "Trilu": [1], "CumSum": [1]}
+
+
+def _device_reads(graph: onnx.GraphProto) -> list[str]:
+    """Every host-memory input of a CUDA kernel (:data:`HOST_INPUTS`) that is neither a
+    constant, a graph input nor a value the provider computes on the host."""
+    ready = _host_values(graph) | {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    ready |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [f"{n.op_type}[{i}] <- {n.input[i]}" for n in graph.node for i in HOST_INPUTS.get(n.op_type, [])
+            if i < len(n.input) and n.input[i] and n.input[i] not in ready]
+
+
+def test_no_graph_copies_a_device_value_back_mid_run(tmp_path) -> None:
+    """The explain graph, its forward, the extras and the device post-processing graphs: on a
+    GPU none of them waits for a value computed on the device."""
+    from camserve.cam.device import post_graph
+    from camserve.manifest import LayerSpec
+
+    torch.manual_seed(1)
+    export_model(_Net().eval(), ["stem"], tmp_path, input_size=16, model_name="n", check=False,
+                 extras=["fullgrad", "guided", "shapley"])
+    graphs = {p.name: onnx.load(str(p)).graph for p in sorted(tmp_path.glob("*.onnx"))}
+    assert {"model.onnx", "forward.onnx", "fullgrad.onnx", "guided.onnx", "shapley.onnx"} <= set(graphs)
+    layers = [LayerSpec(name="a", layout="NCHW", shape=(8, 4, 4)), LayerSpec(name="b", layout="NHWC", shape=(8, 8, 3))]
+    graphs["post (layercam)"] = post_graph("layercam", layers, (16, 16)).graph
+    graphs["post (gradcam++)"] = post_graph("gradcam++", layers, (16, 16)).graph
+    assert {name: _device_reads(g) for name, g in graphs.items()} == {name: [] for name in graphs}
+    old_form = onnx.load(str(tmp_path / "model.onnx")).graph  # the check can fail: a k computed from target_rank alone
+    (topk,) = [n for n in old_form.node if n.op_type == "TopK"]
+    topk.input[1] = "target_rank"
+    assert _device_reads(old_form) == []  # a graph input is on the host
+    old_form.node.insert(0, onnx.helper.make_node("ReduceMax", ["target_rank"], ["deepest"], keepdims=1))
+    topk.input[1] = "deepest"
+    assert _device_reads(old_form) == ["TopK[1] <- deepest"]
+
+
 @pytest.mark.parametrize("ranks", [[-1, -1, -1, -1], [5, 5, 5, 5], [0, 0, 0, 0], [3, -1, 0, 5]])
 def test_every_rank_pattern_matches_the_full_sort(exported, ranks) -> None:
     """The depth of the sort and the branch for all-free, deepest, top-1 and mixed rows: the
