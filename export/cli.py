@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", action="store_true", help="also export activations->logits (AblationCAM)")
     p.add_argument("--extras", type=_names, default=(), metavar="NAME[,NAME]",
                    help="extra graphs for more methods: fullgrad (FullGrad), guided (Guided Backprop / Guided Grad-CAM), "
-                        "shapley (ShapleyCAM)")
+                        "shapley (ShapleyCAM); a two-stage detector: boxscore (gradient methods of each detection's score)")
     p.add_argument("--output-activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax (one class) or sigmoid (multi-label, or a binary head with one output)")
     p.add_argument("--threshold", type=float, default=0.5, help="sigmoid heads: probability at which a label is predicted; detectors: "
@@ -139,7 +139,7 @@ def _run_detection(args: argparse.Namespace, model, name: str) -> int:
         manifest = export_detection(
             model, args.out, target_layer=(args.target_layers or ["backbone"])[0], level=args.fpn_level,
             input_size=args.input_size or 320, labels=labels, model_name=name,
-            model_version=args.version, threshold=args.threshold, min_score=args.min_score,
+            model_version=args.version, threshold=args.threshold, min_score=args.min_score, extras=args.extras,
             log=lambda msg: print(msg, file=sys.stderr),
         )
     layer = manifest.target_layers[0]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camserve.errors import ExportError, ParityError
+from camserve.export import box_score
 from camserve.manifest import GRAPH_FILE, LayerSpec, Manifest, sha256_file
 from camserve.pipeline.forward import FORWARD_FILE
 
@@ -53,9 +54,10 @@ class DetectionGraph(nn.Module):
     """``image [1, 3, H, W] -> (boxes, scores, labels, activations)`` around a torchvision-style
     detector (``model(list_of_images) -> [{"boxes", "scores", "labels"}]``)."""
 
-    def __init__(self, model: nn.Module, layer: nn.Module, level: str | None = None, maps: bool = True) -> None:
+    def __init__(self, model: nn.Module, layer: nn.Module, level: str | None = None, maps: bool = True,
+                 box_score: bool = False) -> None:
         super().__init__()
-        self.model, self.layer, self.level, self.maps = model, layer, level, maps
+        self.model, self.layer, self.level, self.maps, self.box_score = model, layer, level, maps, box_score
 
     def levels(self, output: object) -> list[tuple[str, torch.Tensor]]:
         if isinstance(output, torch.Tensor):
@@ -69,9 +71,11 @@ class DetectionGraph(nn.Module):
             det = self.model(list(image))[0]
             return det["boxes"], det["scores"], det["labels"]
         store: list[object] = []
+        tracked: dict[str, list] = {"rois": [], "levels": [], "shapes": []}
         handle = self.layer.register_forward_hook(lambda _m, _i, out: store.append(out))
         try:
-            det = self.model(list(image))[0]
+            with box_score.tracking(self.model.roi_heads, tracked) if self.box_score else contextlib.nullcontext():
+                det = self.model(list(image))[0]
         finally:
             handle.remove()
         if len(store) != 1:
@@ -82,7 +86,11 @@ class DetectionGraph(nn.Module):
             raise ExportError(f"level {self.level!r} is not one of the target layer's levels {keys}")
         size = dict(levels)[self.level].shape[-2:] if self.level is not None else levels[-1][1].shape[-2:]
         acts = torch.cat([F.interpolate(v.abs(), size=size, mode="bilinear", align_corners=False) for _, v in levels], dim=1)
-        return det["boxes"], det["scores"], det["labels"], acts
+        if not self.box_score:
+            return det["boxes"], det["scores"], det["labels"], acts
+        pyramid = tracked["levels"][0]
+        pooled = tuple(pyramid[n] for n in box_score.level_names(self.model.roi_heads, pyramid))
+        return (det["boxes"], det["scores"], det["labels"], acts, tracked["rois"][0]) + pooled
 
 
 def set_min_score(model: nn.Module, value: float) -> None:
@@ -195,11 +203,13 @@ def export_detection(
     model_version: str = "1.0",
     threshold: float = 0.5,
     min_score: float | None = None,
+    extras: Sequence[str] = (),
     check: bool = True,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Manifest:
     """Export a detector (see the module docstring); writes ``model.onnx``, ``forward.onnx``
-    (boxes, scores and labels only: the benchmark's baseline) and ``manifest.json``."""
+    (boxes, scores and labels only: the benchmark's baseline) and ``manifest.json``;
+    ``extras=("boxscore",)`` also the box-score gradients' graph (:mod:`camserve.export.box_score`)."""
     import onnxruntime as ort
 
     from camserve.export import resolve
@@ -214,7 +224,9 @@ def export_detection(
     if min_score is not None:
         set_min_score(model, min_score)
     name, layer = resolve.resolve_layer(model, target_layer)
-    graph = DetectionGraph(model, layer, level).eval()
+    geom = box_score.prepare(model, _images(size)[0][0]) if box_score.wanted(extras) else None
+    graph = DetectionGraph(model, layer, level, box_score=geom is not None).eval()
+    outputs = OUTPUTS + (box_score.output_names(geom) if geom is not None else ())
     if labels is None:
         label_list = [f"class_{i}" for i in range(num_classes(model))]
     else:
@@ -235,12 +247,12 @@ def export_detection(
         # the forward-only graph is a second export, not an extraction of the first: the
         # detectors' If nodes read outer-scope values, which onnx's Extractor does not follow
         forward = DetectionGraph(model, layer, level, maps=False).eval()
-        for module, file, outputs in ((graph, GRAPH_FILE, OUTPUTS), (forward, FORWARD_FILE, OUTPUTS[:3])):
+        for module, file, names in ((graph, GRAPH_FILE, outputs), (forward, FORWARD_FILE, OUTPUTS[:3])):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
                     torch.onnx.export(module, (example,), str(tmp / file), dynamo=False, opset_version=OPSET,
-                                      input_names=["image"], output_names=list(outputs))
+                                      input_names=["image"], output_names=list(names))
                 except Exception as exc:
                     raise ExportError(f"exporting the detector failed: {resolve.one_line(exc)}") from exc
         proto = onnx.load(str(tmp / GRAPH_FILE))
@@ -253,6 +265,9 @@ def export_detection(
             worst = ", ".join(f"{n} max rel err {f['max_rel_err']:.1e} ({f['share_off']:.1%} off)" for n, f in figures["outputs"].items())
             log(f"parity with PyTorch on {len(figures['detections'])} scenes: {worst}; detections {figures['detections']}, "
                 f"boxes of untied scores compared {figures['boxes_compared']} ({time.perf_counter() - t0:.1f} s)")
+        extra = {}
+        if geom is not None:
+            extra[box_score.EXTRA] = box_score.write(model, geom, tmp, session if check else None, _images(size), log)
         manifest = Manifest(
             model_name=model_name,
             model_version=str(model_version),
@@ -270,10 +285,11 @@ def export_detection(
             forward_graph_sha256=sha256_file(tmp / FORWARD_FILE),
             threshold=float(threshold),
             kind="detection",
+            extras=extra,
         )
-        for file in (GRAPH_FILE, FORWARD_FILE):
+        for file in (GRAPH_FILE, FORWARD_FILE, *(e["file"] for e in extra.values())):
             shutil.move(str(tmp / file), out_dir / file)
-        for stale in ("head.onnx", "fullgrad.onnx", "guided.onnx", "shapley.onnx"):
+        for stale in ("head.onnx", "fullgrad.onnx", "guided.onnx", "shapley.onnx", *(() if extra else (box_score.GRAPH_FILE,))):
             (out_dir / stale).unlink(missing_ok=True)
         manifest.save(out_dir)
     log(f"wrote {out_dir / GRAPH_FILE} and {out_dir / 'manifest.json'}")

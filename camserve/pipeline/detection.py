@@ -20,7 +20,7 @@ box as a whole and take the maximum, so the map does not depend on the order of 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ import numpy as np
 from camserve.cam import parallel
 from camserve.cam.projection import first_component
 from camserve.cam.scaling import EPS, combine_layers, minmax
-from camserve.errors import ManifestError
-from camserve.manifest import Manifest
+from camserve.errors import InputError, ManifestError
+from camserve.manifest import Manifest, sha256_file
+from camserve.pipeline.box_score import EXTRA, BoxScore
+from camserve.pipeline.box_score import METHODS as BOX_METHODS
 from camserve.pipeline.params import Target
 
 #: The method detection is explained by (gradient-free: the graph has no backward).
@@ -40,12 +42,16 @@ METHOD = "eigencam"
 @dataclass(frozen=True)
 class Detections:
     """One batch through the detection graph: per image ``boxes [D, 4]`` (x1, y1, x2, y2 in
-    graph-input pixels), ``scores [D]``, ``labels [D]``; ``activations [N, C, h, w]``."""
+    graph-input pixels), ``scores [D]``, ``labels [D]``; ``activations [N, C, h, w]``. With the
+    ``boxscore`` extra also per image each detection's proposal ``rois [D, 4]`` and the pyramid
+    ``levels`` (``[C, h, w]`` each) its box head pools from (:mod:`camserve.pipeline.box_score`)."""
 
     boxes: list[np.ndarray]
     scores: list[np.ndarray]
     labels: list[np.ndarray]
     activations: np.ndarray
+    rois: list[np.ndarray] | None = None
+    levels: list[list[np.ndarray]] | None = None
 
 
 class DetectionSession:
@@ -64,6 +70,15 @@ class DetectionSession:
         self.options = session_options(intra_op_threads)
         self.session = create_session(graph, self.options, self.providers)
         self.extras: dict[str, Any] = {}
+        #: The box-score gradients (the export's ``boxscore`` extra), or None.
+        self.box_score: BoxScore | None = None
+        entry = self.manifest.extras.get(EXTRA)
+        if entry is not None:
+            path = self.directory / entry.get("file", "")
+            if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+                raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+            self.box_score = BoxScore(self.directory, entry, self.options, self.providers)
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
     def threads(self) -> int:
@@ -79,14 +94,18 @@ class DetectionSession:
         """Every image through the graph (its batch is one image: the detectors' post-processing
         loops over images, so the graph is exported at one)."""
         images = self.check_images(images)
-        boxes, scores, labels, acts = [], [], [], []
+        boxes, scores, labels, acts, rois, levels = [], [], [], [], [], []
         for image in images:
-            b, s, lab, a = self.session.run(None, {"image": image[None]})
-            boxes.append(b.reshape(-1, 4))
-            scores.append(s.reshape(-1))
-            labels.append(lab.reshape(-1).astype(np.int64))
-            acts.append(a)
-        return Detections(boxes, scores, labels, np.concatenate(acts, axis=0))
+            out = dict(zip(self.outputs, self.session.run(None, {"image": image[None]})))
+            boxes.append(out["boxes"].reshape(-1, 4))
+            scores.append(out["scores"].reshape(-1))
+            labels.append(out["labels"].reshape(-1).astype(np.int64))
+            acts.append(out["activations_0"])
+            if self.box_score is not None:
+                rois.append(out["rois"].reshape(-1, 4))
+                levels.append([out[f"level_{i}"][0] for i in range(len(self.box_score.geometry.names))])
+        return Detections(boxes, scores, labels, np.concatenate(acts, axis=0),
+                          rois if self.box_score is not None else None, levels if self.box_score is not None else None)
 
 
 def eigencam_maps(activations: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -139,30 +158,45 @@ def keep(det: Detections, threshold: float, classes: tuple[int, ...] = (), topk:
 
 @dataclass(frozen=True)
 class Explained:
-    """Detections, the kept ones per image, their maps ``[N, H, W]`` and the seconds spent."""
+    """Detections, the kept ones per image, their EigenCAM maps ``[N, H, W]`` (None when not
+    asked), each box-score method's maps per image ``[K_i, H, W]`` (one per kept detection,
+    in ``kept`` order) and the seconds spent."""
 
     detections: Detections
     kept: list[np.ndarray]
     cams: np.ndarray | None
     timings: dict[str, float]
+    box_cams: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @parallel.session_threads
 def explain(session: DetectionSession, images: np.ndarray, threshold: float, classes: tuple[int, ...] = (),
-            topk: int | None = None, maps: bool = True) -> Explained:
-    """Run the detector on ``images`` and (``maps``) explain its kept detections."""
+            topk: int | None = None, maps: bool = True, methods: tuple[str, ...] = (METHOD,),
+            eigen_smooth: bool = False) -> Explained:
+    """Run the detector on ``images`` and (``maps``) explain its kept detections by each of
+    ``methods``: ``eigencam`` (one map per image, renormalized in the boxes) or a gradient
+    method of :data:`camserve.pipeline.box_score.METHODS` (one map per detection, of its score)."""
     start = time.perf_counter()
     det = session.run(images)
     inference = time.perf_counter() - start
     kept = keep(det, threshold, classes, topk)
-    cams = None
-    if maps:
-        size = tuple(session.manifest.input_size)
+    cams, box_cams = None, {}
+    size = tuple(session.manifest.input_size)
+    if maps and METHOD in methods:
         raw = eigencam_maps(det.activations, size)
         index = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(kept)])
         boxes = np.concatenate([box_pixels(det.boxes[i][k], size) for i, k in enumerate(kept)]) if len(index) else np.zeros((0, 4), np.int64)
         cams = renormalize_in_boxes(raw, index, boxes)
-    return Explained(det, kept, cams, {"inference": inference, "cam": time.perf_counter() - start - inference})
+    scored = [m for m in methods if m != METHOD] if maps else []
+    if scored:
+        if session.box_score is None or det.rois is None or det.levels is None:
+            raise InputError(f"methods {', '.join(scored)} need the export's {EXTRA} extra (camserve export --kind detection --extras {EXTRA})")
+        box_cams = {m: [] for m in scored}
+        for i, k in enumerate(kept):
+            _, level, grads = session.box_score.gradients(det.levels[i], det.rois[i][k], det.labels[i][k])
+            for m in scored:
+                box_cams[m].append(session.box_score.maps(m, det.levels[i], level, grads, size, eigen_smooth))
+    return Explained(det, kept, cams, {"inference": inference, "cam": time.perf_counter() - start - inference}, box_cams)
 
 
 # ------------------------------------------------------------------ serving ---
@@ -177,6 +211,22 @@ def explain(session: DetectionSession, images: np.ndarray, threshold: float, cla
 PARAM_DEFAULTS: dict[str, Any] = {"default_methods": (METHOD,), "default_target": Target()}
 
 
+def unavailable(methods: tuple[str, ...], box_score: bool) -> dict[str, str]:
+    """Why each method a detector cannot run is refused: every method but eigencam, and the box
+    scores' gradient methods where the export has their extra."""
+    scored = set(BOX_METHODS) if box_score else set()
+    out = {}
+    for name in methods:
+        if name == METHOD or name in scored:
+            continue
+        if name in BOX_METHODS:
+            out[name] = (f"on a detector it explains each detection's score, which needs the {EXTRA!r} graph "
+                         f"(re-export with camserve export --kind detection --extras {EXTRA}; two-stage detectors only)")
+        else:
+            out[name] = f"a detector is explained by {METHOD} or, with the {EXTRA!r} extra, by {', '.join(BOX_METHODS)}"
+    return out
+
+
 def check_params(params: Any, model: str) -> None:
     """400s for what a detector cannot honour, naming the parameter."""
     from camserve.pipeline.params import BadParameter
@@ -184,7 +234,8 @@ def check_params(params: Any, model: str) -> None:
     if params.metrics:
         raise BadParameter(f"parameter metrics is not defined for detection model {model!r} (no class probability to perturb)")
     if params.score != "logit":
-        raise BadParameter(f"parameter score={params.score} is not defined for detection model {model!r} (EigenCAM has no target score)")
+        raise BadParameter(f"parameter score={params.score} is not defined for detection model {model!r} (EigenCAM has no "
+                           "target score; the gradient methods explain each detection's own score)")
     if params.explain and params.aug_smooth:
         raise BadParameter(f"parameter aug_smooth is not supported for detection model {model!r} (the boxes move with the augmentation)")
 
@@ -199,17 +250,20 @@ def run_groups(service: Any, items: list[Any], batch: np.ndarray) -> dict[int, d
         service.recorder.batch(len(rows))
         try:
             out = explain(service.session, rows, p.threshold if p.threshold is not None else threshold_default,
-                          p.target.classes, p.target.topk, maps=p.explain)
+                          p.target.classes, p.target.topk, maps=p.explain, methods=tuple(p.methods),
+                          eigen_smooth=p.eigen_smooth)
         except Exception as exc:  # noqa: BLE001 - the request fails, the batch goes on
             item.error = exc
             continue
         service.recorder.inference(out.timings["inference"])
         if p.explain:
-            service.recorder.explain(METHOD, out.timings["cam"])
+            for method in p.methods:  # one timing for the request's maps, under each method asked
+                service.recorder.explain(method, out.timings["cam"])
         item.timings = dict(out.timings)
         item.batch = len(rows)
-        results[id(item)] = {"explained": out,
-                             "cams": {METHOD: list(out.cams[:, None])} if out.cams is not None else {}}  # [T=1, H, W] per image
+        cams = {METHOD: list(out.cams[:, None])} if out.cams is not None else {}  # [T=1, H, W] per image
+        cams.update(out.box_cams)  # [T = kept detections, H, W] per image
+        results[id(item)] = {"explained": out, "cams": cams}
     return results
 
 
@@ -240,13 +294,28 @@ def draw_boxes(image: np.ndarray, detections: list[dict[str, Any]]) -> np.ndarra
     return out
 
 
-def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
-    """The ``images`` of a detector's ``camserve/1`` answer (see :mod:`camserve.pipeline.service`)."""
+def _explanation(method: str, target: dict[str, Any], cam: np.ndarray, rgb: np.ndarray, drawn: list[dict[str, Any]],
+                 output: Any, degenerate: str | None) -> dict[str, Any]:
+    """One explanation of an image's answer: ``cam`` ``[H, W]`` with ``drawn`` boxes on its overlay."""
     import base64
 
     from camserve.pipeline import render
     from camserve.pipeline.summary import summarize
 
+    summary = summarize(cam[None], image_size=(int(rgb.shape[0]), int(rgb.shape[1]))).as_dicts()[0]
+    summary.update(signal_ratio=None, degenerate=degenerate is not None, degenerate_reason=degenerate)
+    exp: dict[str, Any] = {"method": method, "target": target, "summary": summary}
+    if "png" in output:
+        exp["png"] = base64.b64encode(render.heatmap_png(cam[None])[0]).decode("ascii")
+    if "overlay" in output:
+        exp["overlay"] = base64.b64encode(render.encode_png(draw_boxes(render.overlay(rgb, cam), drawn))).decode("ascii")
+    if "array" in output:
+        exp["array"] = render.to_float16(cam[None]).to_json()
+    return exp
+
+
+def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """The ``images`` of a detector's ``camserve/1`` answer (see :mod:`camserve.pipeline.service`)."""
     out: Explained = result["explained"]
     params = item.params
     h_in, w_in = service.manifest.input_size
@@ -256,19 +325,17 @@ def answer(service: Any, item: Any, result: dict[str, Any]) -> dict[str, Any]:
         found = _detections(service, out.detections, i, out.kept[i], scale)
         entry: dict[str, Any] = {"field": name, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
                                  "predictions": found}
-        if params.explain and out.cams is not None:
-            cam = out.cams[i]
-            summary = summarize(cam[None], image_size=(int(rgb.shape[0]), int(rgb.shape[1]))).as_dicts()[0]
-            summary["signal_ratio"] = None
-            summary["degenerate"] = not found
-            summary["degenerate_reason"] = None if found else "no detection kept: the map is zero"
-            exp: dict[str, Any] = {"method": METHOD, "target": {"detections": len(found)}, "summary": summary}
-            if "png" in params.output:
-                exp["png"] = base64.b64encode(render.heatmap_png(cam[None])[0]).decode("ascii")
-            if "overlay" in params.output:
-                exp["overlay"] = base64.b64encode(render.encode_png(draw_boxes(render.overlay(rgb, cam), found))).decode("ascii")
-            if "array" in params.output:
-                exp["array"] = render.to_float16(cam[None]).to_json()
-            entry["explanations"] = [exp]
+        if params.explain:
+            entry["explanations"] = []
+            for method in params.methods:
+                if method == METHOD and out.cams is not None:
+                    reason = None if found else "no detection kept: the map is zero"
+                    entry["explanations"].append(_explanation(METHOD, {"detections": len(found)}, out.cams[i], rgb, found,
+                                                              params.output, reason))
+                for j, cam in enumerate(out.box_cams[method][i] if method in out.box_cams else ()):
+                    d = found[j]
+                    reason = None if cam.max() > 0 else "the score's gradient is zero where the box is pooled"
+                    target = {"detection": j, "index": d["index"], "label": d["label"], "score": d["score"]}
+                    entry["explanations"].append(_explanation(method, target, cam, rgb, [d], params.output, reason))
         images.append(entry)
     return {"images": images}

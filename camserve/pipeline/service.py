@@ -103,9 +103,8 @@ class Service(Answers):
             extra = cam.get_method(name).extra
             if extra and extra not in self.manifest.extras:
                 self.unavailable[name] = f"it needs the {extra!r} graph (re-export with camserve export --extras {extra})"
-        if getattr(self.manifest, "detection", False):  # gradient-free: the detection graph has no backward
-            self.unavailable = {name: "a detector is explained by eigencam (its graph has no backward)"
-                                for name in self.methods if name != detection.METHOD}
+        if getattr(self.manifest, "detection", False):  # EigenCAM; gradient methods of box scores with the extra
+            self.unavailable = detection.unavailable(self.methods, getattr(session, "box_score", None) is not None)
         self.labels = list(self.manifest.labels)
         #: An embedding model's registered concepts (``camserve concepts add``).
         self.concepts = load_concepts(session.directory) if getattr(self.manifest, "embedding", False) else {}
