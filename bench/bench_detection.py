@@ -9,7 +9,12 @@ for the per-box step), exported with ``--kind detection``; the export's forward-
 the same threads, alternating (this machine is shared and noisy). Prints median latencies
 and the ratios to the forward. Detectors run one image per graph run, so batch N is N runs.
 
-    python bench/bench_detection.py [--batches 1 8] [--threads 2] [--repeats 7] [--keep 100]
+With the export's ``boxscore`` extra (the detection graph then also answers each
+detection's proposal and the pooled pyramid levels), it also times GradCAM of each kept
+detection's score (:mod:`camserve.pipeline.box_score`: RoIAlign as matrices, the box head's
+joint graph, the gradient back at the levels) for the top ``--boxes`` detections.
+
+    python bench/bench_detection.py [--batches 1 8] [--threads 2] [--repeats 7] [--keep 100] [--boxes 1 8 32]
 """
 
 from __future__ import annotations
@@ -45,9 +50,10 @@ def calibrated_fasterrcnn():
 def export() -> Path:
     from camserve.export.detection import export_detection
 
-    out = CACHE / "fasterrcnn-mobilenet-320-detection"
+    out = CACHE / "fasterrcnn-mobilenet-320-detection-boxscore"
     if not (out / "manifest.json").exists():
-        export_detection(calibrated_fasterrcnn(), out, input_size=SIZE, model_name="fasterrcnn", min_score=0.0, check=False)
+        export_detection(calibrated_fasterrcnn(), out, input_size=SIZE, model_name="fasterrcnn", min_score=0.0,
+                         extras=["boxscore"], check=False)
     return out
 
 
@@ -57,6 +63,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", type=int, default=100, help="detections explained per image (top k)")
+    parser.add_argument("--boxes", type=int, nargs="*", default=[1, 8, 32], help="detections explained by GradCAM of their score")
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -81,14 +88,20 @@ def main() -> int:
         def run_explain() -> None:
             state["out"] = detection.explain(session, images, threshold=0.0, topk=args.keep)
 
-        calls = {"forward (boxes, scores, labels)": run_forward, "detection graph (+ maps)": lambda: session.run(images),
+        calls = {"forward (boxes, scores, labels)": run_forward, "detection graph (+ maps, proposals, pooled levels)": lambda: session.run(images),
                  "explain (graph + EigenCAM + boxes)": run_explain}
+        for m in args.boxes:  # GradCAM of each of the top m detections' scores
+            calls[f"explain (graph + GradCAM of {m} box score{'s' * (m != 1)})"] = (
+                lambda m=m: detection.explain(session, images, threshold=0.0, topk=m, methods=("gradcam",)))
         med = medians(calls, args.repeats)
         kept = sum(len(k) for k in state["out"].kept)
+        explained = {"explain (graph + EigenCAM + boxes)": kept}
+        explained.update({f"explain (graph + GradCAM of {m} box score{'s' * (m != 1)})": batch * m for m in args.boxes})
         base = med["forward (boxes, scores, labels)"]
         for name, seconds in med.items():
-            rows.append((batch, name, seconds * 1000, seconds / base, kept))
-            print(f"batch {batch} {name:36s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward ({kept} boxes)",
+            boxes = explained.get(name, "-")
+            rows.append((batch, name, seconds * 1000, seconds / base, boxes))
+            print(f"batch {batch} {name:44s} {seconds * 1000:8.1f} ms  {seconds / base:5.2f}x forward ({boxes} boxes)",
                   file=sys.stderr)
     print(f"\nfasterrcnn_mobilenet_v3_large_320_fpn, {SIZE} px, {args.threads} threads, median of {args.repeats} "
           "alternating runs\n")
