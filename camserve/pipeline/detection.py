@@ -167,6 +167,8 @@ class Explained:
     cams: np.ndarray | None
     timings: dict[str, float]
     box_cams: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: Seconds per method asked (the box-score gradients' share split among their methods).
+    method_seconds: dict[str, float] = field(default_factory=dict)
 
 
 @parallel.session_threads
@@ -182,21 +184,30 @@ def explain(session: DetectionSession, images: np.ndarray, threshold: float, cla
     kept = keep(det, threshold, classes, topk)
     cams, box_cams = None, {}
     size = tuple(session.manifest.input_size)
+    spent: dict[str, float] = {}  # seconds per method (the gradients' share split among the methods using them)
     if maps and METHOD in methods:
+        t0 = time.perf_counter()
         raw = eigencam_maps(det.activations, size)
         index = np.concatenate([np.full(len(k), i, dtype=np.int64) for i, k in enumerate(kept)])
         boxes = np.concatenate([box_pixels(det.boxes[i][k], size) for i, k in enumerate(kept)]) if len(index) else np.zeros((0, 4), np.int64)
         cams = renormalize_in_boxes(raw, index, boxes)
+        spent[METHOD] = time.perf_counter() - t0
     scored = [m for m in methods if m != METHOD] if maps else []
     if scored:
         if session.box_score is None or det.rois is None or det.levels is None:
             raise InputError(f"methods {', '.join(scored)} need the export's {EXTRA} extra (camserve export --kind detection --extras {EXTRA})")
         box_cams = {m: [] for m in scored}
+        spent.update({m: 0.0 for m in scored})
         for i, k in enumerate(kept):
+            t0 = time.perf_counter()
             _, level, grads = session.box_score.gradients(det.levels[i], det.rois[i][k], det.labels[i][k])
+            shared = (time.perf_counter() - t0) / len(scored)
             for m in scored:
+                t0 = time.perf_counter()
                 box_cams[m].append(session.box_score.maps(m, det.levels[i], level, grads, size, eigen_smooth))
-    return Explained(det, kept, cams, {"inference": inference, "cam": time.perf_counter() - start - inference}, box_cams)
+                spent[m] += shared + time.perf_counter() - t0
+    timings = {"inference": inference, "cam": time.perf_counter() - start - inference}
+    return Explained(det, kept, cams, timings, box_cams, spent)
 
 
 # ------------------------------------------------------------------ serving ---
@@ -256,9 +267,8 @@ def run_groups(service: Any, items: list[Any], batch: np.ndarray) -> dict[int, d
             item.error = exc
             continue
         service.recorder.inference(out.timings["inference"])
-        if p.explain:
-            for method in p.methods:  # one timing for the request's maps, under each method asked
-                service.recorder.explain(method, out.timings["cam"])
+        for method, seconds in out.method_seconds.items():
+            service.recorder.explain(method, seconds)
         item.timings = dict(out.timings)
         item.batch = len(rows)
         cams = {METHOD: list(out.cams[:, None])} if out.cams is not None else {}  # [T=1, H, W] per image
