@@ -176,3 +176,39 @@ def test_served_on_torchserve(fasterrcnn, service, tmp_path):
     _, expected = _ask(service, image, params)
     assert served["images"] == expected["images"]
     assert [e["method"] for e in served["images"][0]["explanations"]] == ["gradcam"] * 2 + ["hirescam"] * 2
+
+
+@pytest.mark.server
+def test_served_on_kserve_with_the_audit_record(fasterrcnn, service, tmp_path):
+    import base64
+    import importlib.util
+
+    from _server_fixture import http
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("camserve[kserve] is not installed")
+    from camserve.audit import open_sink
+    from camserve.cli import kserve as kserve_cli
+    from camserve.config import AuditConfig
+
+    image = _scene(17)
+    rgb = (image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    try:
+        state = kserve_cli.start([str(fasterrcnn[0])], run_dir=tmp_path / "ks", names=["frcnn"], http_port=0, grpc_port=0, grpc=False)
+        payload = {"instances": [{"image": {"b64": base64.b64encode(png_bytes(rgb)).decode()}}],
+                   "parameters": {"methods": "layercam", "target": "top2", "threshold": 0.01, "output": "summary"}}
+        status, _, answer = http("POST", f"{state['url']}/v1/models/frcnn:explain", json.dumps(payload).encode(),
+                                 {"Content-Type": "application/json"})
+        assert status == 200, answer[:300]
+        _, expected = _ask(service, image, "methods=layercam&target=top2&threshold=0.01&output=summary")
+        strip = lambda images: [{k: v for k, v in im.items() if k != "field"} for im in images]  # noqa: E731
+        assert strip(json.loads(answer)["explanations"]) == strip(expected["images"])
+        sink = open_sink(AuditConfig(path=str(tmp_path / "ks" / "audit")))
+        try:
+            record = list(sink.rows())[-1].record()
+        finally:
+            sink.close()
+        targets = [e["target"]["detection"] for e in record["images"][0]["explanations"]]
+        assert targets == [0, 1] and all(e["method"] == "layercam" for e in record["images"][0]["explanations"])
+    finally:
+        kserve_cli.stop(tmp_path / "ks")
