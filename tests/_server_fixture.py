@@ -92,6 +92,21 @@ def http(method: str, url: str, data: bytes | None = None, headers: dict[str, st
         return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
+def kserve_explain(url: str, model: str, image_png: bytes, parameters: dict[str, Any]) -> tuple[int, bytes]:
+    """(status, body) of a KServe v1 ``:explain`` of one image with ``parameters``."""
+    import base64
+
+    payload = {"instances": [{"image": {"b64": base64.b64encode(image_png).decode()}}], "parameters": parameters}
+    status, _, body = http("POST", f"{url}/v1/models/{model}:explain", json.dumps(payload).encode(),
+                           {"Content-Type": "application/json"})
+    return status, body
+
+
+def without_field(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Answer images without their ``field`` (KServe names instances, TorchServe parts)."""
+    return [{k: v for k, v in im.items() if k != "field"} for im in images]
+
+
 def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
     """Encode (name, content type, bytes) parts as multipart/form-data: (body, content type)."""
     boundary = "camserve-test-boundary-7f3a"

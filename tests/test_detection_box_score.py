@@ -180,10 +180,9 @@ def test_served_on_torchserve(fasterrcnn, service, tmp_path):
 
 @pytest.mark.server
 def test_served_on_kserve_with_the_audit_record(fasterrcnn, service, tmp_path):
-    import base64
     import importlib.util
 
-    from _server_fixture import http
+    from _server_fixture import kserve_explain, without_field
 
     if importlib.util.find_spec("kserve") is None:
         pytest.skip("camserve[kserve] is not installed")
@@ -195,14 +194,11 @@ def test_served_on_kserve_with_the_audit_record(fasterrcnn, service, tmp_path):
     rgb = (image[0].transpose(1, 2, 0) * 255).round().astype(np.uint8)
     try:
         state = kserve_cli.start([str(fasterrcnn[0])], run_dir=tmp_path / "ks", names=["frcnn"], http_port=0, grpc_port=0, grpc=False)
-        payload = {"instances": [{"image": {"b64": base64.b64encode(png_bytes(rgb)).decode()}}],
-                   "parameters": {"methods": "layercam", "target": "top2", "threshold": 0.01, "output": "summary"}}
-        status, _, answer = http("POST", f"{state['url']}/v1/models/frcnn:explain", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
+        status, answer = kserve_explain(state["url"], "frcnn", png_bytes(rgb),
+                                        {"methods": "layercam", "target": "top2", "threshold": 0.01, "output": "summary"})
         assert status == 200, answer[:300]
         _, expected = _ask(service, image, "methods=layercam&target=top2&threshold=0.01&output=summary")
-        strip = lambda images: [{k: v for k, v in im.items() if k != "field"} for im in images]  # noqa: E731
-        assert strip(json.loads(answer)["explanations"]) == strip(expected["images"])
+        assert without_field(json.loads(answer)["explanations"]) == without_field(expected["images"])
         sink = open_sink(AuditConfig(path=str(tmp_path / "ks" / "audit")))
         try:
             record = list(sink.rows())[-1].record()

@@ -129,7 +129,7 @@ def test_served_on_torchserve(export, service, tmp_path):
 def test_served_on_kserve(export, service, tmp_path):
     import importlib.util
 
-    from _server_fixture import http
+    from _server_fixture import kserve_explain, without_field
 
     if importlib.util.find_spec("kserve") is None:
         pytest.skip("camserve[kserve] is not installed")
@@ -142,17 +142,11 @@ def test_served_on_kserve(export, service, tmp_path):
     body = png_bytes(image)
     try:
         state = kserve_cli.start([str(export)], run_dir=tmp_path / "ks", names=["det"], http_port=0, grpc_port=0, grpc=False)
-        payload = {"instances": [{"image": {"b64": base64.b64encode(body).decode()}}],
-                   "parameters": {"output": "summary,array", "threshold": 0.01}}
-        status, _, answer = http("POST", f"{state['url']}/v1/models/det:explain", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
+        status, answer = kserve_explain(state["url"], "det", body, {"output": "summary,array", "threshold": 0.01})
         assert status == 200, answer[:300]
         _, expected = ask(service, image, "output=summary,array&threshold=0.01")
-        strip = lambda images: [{k: v for k, v in im.items() if k != "field"} for im in images]  # noqa: E731
-        assert strip(json.loads(answer)["explanations"]) == strip(expected["images"])
-        payload["parameters"] = {"methods": "gradcam"}
-        status, _, answer = http("POST", f"{state['url']}/v1/models/det:explain", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
+        assert without_field(json.loads(answer)["explanations"]) == without_field(expected["images"])
+        status, answer = kserve_explain(state["url"], "det", body, {"methods": "gradcam"})
         assert status == 400 and "gradcam" in json.loads(answer)["error"], answer[:300]
         sink = open_sink(AuditConfig(path=str(tmp_path / "ks" / "audit")))
         try:
