@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from camserve.demo import shapes as demo
-from camserve.pipeline import render
+from camserve.pipeline.summary import summarize
 
 from _shapes_fixture import trained_shapes
 from test_localization import HELDOUT_SEED, _inside
@@ -47,7 +47,7 @@ def explained(tmp_path_factory):
 @pytest.mark.parametrize("method", METHODS)
 def test_peak_falls_inside_the_shape(explained, method):
     data, cams = explained
-    peaks = render.summarize(cams[method]).peak
+    peaks = summarize(cams[method]).peak
     hits = _inside(peaks, data.boxes)
     assert hits.mean() >= REQUIRED[method], f"{method}: peak inside the shape box for {hits.mean():.0%} of 100 images"
     assert _inside(peaks, np.roll(data.boxes, 1, axis=0)).mean() < 0.5  # other images' boxes: far less
