@@ -10,11 +10,13 @@ from collections.abc import Iterator
 
 def _names(text: str) -> tuple[str, ...]:
     from camserve.export.extras import EXTRAS
+    from camserve.pipeline.box_score import EXTRA as BOX_SCORE
 
+    known = (*EXTRAS, BOX_SCORE)
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in EXTRAS]
+    unknown = [n for n in names if n not in known]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown extra {(unknown or [text])[0]!r} (known: {', '.join(EXTRAS)})")
+        raise argparse.ArgumentTypeError(f"unknown extra {(unknown or [text])[0]!r} (known: {', '.join(known)})")
     return names
 
 
@@ -105,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         raise CamserveError("--target-layer is required (except with --kind detection)")
     if args.kind != "detection" and (args.fpn_level or args.min_score is not None):
         raise CamserveError("--fpn-level and --min-score apply to --kind detection only")
+    if args.kind != "detection" and "boxscore" in args.extras:
+        raise CamserveError("--extras boxscore applies to --kind detection only (two-stage detectors)")
+    if args.kind == "detection" and set(args.extras) - {"boxscore"}:
+        raise CamserveError(f"a detector takes only --extras boxscore, got {','.join(args.extras)}")
     if args.kind == "detection" and args.target_layers and len(args.target_layers) != 1:
         raise CamserveError(f"a detector is explained at one target layer, got {len(args.target_layers)}: {args.target_layers}")
     model = load_model(args.model)

@@ -194,6 +194,8 @@ def test_cli_exports_a_single_stage_detector_with_coco_labels(tmp_path):
     (["--kind", "detection", "--target-layer", "backbone", "--target-layer", "rpn"], "one target layer"),
     (["--target-layer", "layer4", "--fpn-level", "0"], "--kind detection only"),
     (["--kind", "classifier"], "--target-layer is required"),
+    (["--kind", "detection", "--extras", "boxscore,guided"], "a detector takes only --extras boxscore"),
+    (["--target-layer", "backbone", "--extras", "boxscore"], "--extras boxscore applies to --kind detection only"),
 ])
 def test_cli_detection_errors_exit_2(tmp_path, capsys, args, needle):
     from camserve.cli import main

@@ -160,6 +160,16 @@ def test_methods_need_the_extra_and_a_two_stage_detector(fasterrcnn, tmp_path):
         export_detection(fasterrcnn[2], tmp_path / "x", input_size=SIZE, extras=["fullgrad"], check=False)
 
 
+def test_cli_refuses_the_extra_for_a_single_stage_detector(tmp_path, capsys):
+    from camserve.cli import main
+
+    code = main(["export", "torchvision:ssdlite320_mobilenet_v3_large", "--kind", "detection", "--extras", "boxscore",
+                 "--out", str(tmp_path / "ssd")])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs a two-stage detector" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "ssd" / "manifest.json").exists()
+
+
 @pytest.mark.server
 def test_served_on_torchserve(fasterrcnn, service, tmp_path):
     from _server_fixture import http, serving
