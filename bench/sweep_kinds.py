@@ -32,7 +32,7 @@ def _segmentation(name: str, layer: str, size: int = 224) -> Callable[[str], Any
     return run
 
 
-def _detection(name: str, level: str | None = None, size: int = 320) -> Callable[[str], Any]:
+def _detection(name: str, level: str | None = None, size: int = 320, extras: tuple[str, ...] = ()) -> Callable[[str], Any]:
     def run(out: str) -> Any:
         import torch
         import torchvision
@@ -41,7 +41,7 @@ def _detection(name: str, level: str | None = None, size: int = 320) -> Callable
 
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
-        return export_detection(model.eval(), out, level=level, input_size=size, model_name=name, min_score=0.0)
+        return export_detection(model.eval(), out, level=level, input_size=size, model_name=name, min_score=0.0, extras=extras)
     return run
 
 
@@ -74,6 +74,7 @@ MODELS: dict[str, Callable[[str], Any]] = {
     "deeplabv3_mobilenet_v3_large": _segmentation("deeplabv3_mobilenet_v3_large", "backbone.16"),
     "lraspp_mobilenet_v3_large": _segmentation("lraspp_mobilenet_v3_large", "backbone.16"),
     "fasterrcnn_mobilenet_v3_large_320_fpn": _detection("fasterrcnn_mobilenet_v3_large_320_fpn"),
+    "fasterrcnn_mobilenet_v3_large_320_fpn+boxscore": _detection("fasterrcnn_mobilenet_v3_large_320_fpn", extras=("boxscore",)),
     "retinanet_resnet50_fpn": _detection("retinanet_resnet50_fpn"),
     "fcos_resnet50_fpn": _detection("fcos_resnet50_fpn"),
     "ssdlite320_mobilenet_v3_large": _detection("ssdlite320_mobilenet_v3_large", level="0"),
@@ -102,6 +103,9 @@ def main() -> int:
             layer = manifest.target_layers[0]
             flipped = manifest.parity.get("relu_units_flipped", 0)
             kinks = f" ({flipped} ReLU units decided on ONNX Runtime's side of the kink)" if flipped else ""
+            route = manifest.extras.get("boxscore", {}).get("parity")
+            if route:  # the box-score route against torch autograd (camserve.export.box_score)
+                kinks += f"; box-score gradients {route['max_rel_gradient_diff']:.1e} of scale on {route['boxes']} boxes"
             print(f"| {name} | {manifest.kind} | {layer.name} {list(layer.shape)} | {worst['max_rel_err']:.1e}, "
                   f"{max(f['share_off'] for f in outputs.values()):.2%}{kinks} | {time.perf_counter() - start:.0f} |", flush=True)
     return 1 if failed else 0
