@@ -147,12 +147,13 @@ def check_route(heads: nn.Module, box_score: Any, levels: list[np.ndarray], rois
     """The served route (RoIAlign matrices, ``boxscore.onnx``, the transpose) against torch
     autograd through torchvision's own pooler and head, for the first ``limit`` boxes:
     ``{"scores": max abs diff to torch's and to the detections' own ``expected`` scores (so the
-    boxes are the detections' proposals), "gradients": max abs diff / the largest gradient}``."""
+    boxes are the detections' proposals), "gradients": max abs diff / the largest gradient,
+    "boxes": how many were compared}``."""
     names = list(box_score.geometry.names)
     rois, labels, expected = rois[:limit], labels[:limit], expected[:limit]
     scores, level, grads = box_score.gradients(levels, rois, labels)
     leaves = {n: torch.from_numpy(np.ascontiguousarray(f[None])).requires_grad_(True) for n, f in zip(names, levels)}
-    worst = {"scores": 0.0, "gradients": 0.0}
+    worst = {"scores": 0.0, "gradients": 0.0, "boxes": len(rois)}
     for m in range(len(rois)):
         pooled = heads.box_roi_pool(leaves, [torch.from_numpy(rois[m : m + 1].astype(np.float32))], shapes)
         score = torch.softmax(heads.box_predictor(heads.box_head(pooled))[0], -1)[0, int(labels[m])]
@@ -189,7 +190,7 @@ def prepare(model: nn.Module, image: torch.Tensor) -> Geometry:
 
 def output_names(geom: Geometry) -> tuple[str, ...]:
     """The detection graph's extra outputs: ``rois`` and one ``level_<i>`` per pooled level."""
-    return ("rois",) + tuple(f"level_{i}" for i in range(len(geom.names)))
+    return ("rois", *geom.level_outputs)
 
 
 def write(model: nn.Module, geom: Geometry, directory: Path, session: Any | None,
@@ -218,9 +219,10 @@ def write(model: nn.Module, geom: Geometry, directory: Path, session: Any | None
     worst = {"scores": 0.0, "gradients": 0.0, "boxes": 0}
     for image in scenes:
         out = dict(zip(names, session.run(None, {"image": image.numpy()})))
-        levels = [out[f"level_{i}"][0] for i in range(len(geom.names))]
+        levels = [out[name][0] for name in geom.level_outputs]
         figures = check_route(heads, route, levels, out["rois"], out["labels"], out["scores"], [geom.transformed_size])
-        worst = {k: max(worst[k], figures[k]) for k in ("scores", "gradients")} | {"boxes": worst["boxes"] + min(8, len(out["rois"]))}
+        worst = {"scores": max(worst["scores"], figures["scores"]), "gradients": max(worst["gradients"], figures["gradients"]),
+                 "boxes": worst["boxes"] + figures["boxes"]}
     if worst["scores"] > TOL or worst["gradients"] > TOL:
         raise ParityError(f"box-score gradients disagree with torch autograd: scores {worst['scores']:.1e}, "
                           f"gradients {worst['gradients']:.1e} of their scale (tolerance {TOL:g})")

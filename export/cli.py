@@ -96,6 +96,7 @@ def _user_errors(spec: str) -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     from camserve.errors import CamserveError
     from camserve.export import export_model, load_model, load_weights
+    from camserve.pipeline.box_score import EXTRA as BOX_SCORE
 
     layouts = {}
     for item in args.layout:
@@ -107,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise CamserveError("--target-layer is required (except with --kind detection)")
     if args.kind != "detection" and (args.fpn_level or args.min_score is not None):
         raise CamserveError("--fpn-level and --min-score apply to --kind detection only")
-    if args.kind != "detection" and "boxscore" in args.extras:
-        raise CamserveError("--extras boxscore applies to --kind detection only (two-stage detectors)")
-    if args.kind == "detection" and set(args.extras) - {"boxscore"}:
-        raise CamserveError(f"a detector takes only --extras boxscore, got {','.join(args.extras)}")
+    if args.kind != "detection" and BOX_SCORE in args.extras:
+        raise CamserveError(f"--extras {BOX_SCORE} applies to --kind detection only (two-stage detectors)")
+    if args.kind == "detection" and set(args.extras) - {BOX_SCORE}:
+        raise CamserveError(f"a detector takes only --extras {BOX_SCORE}, got {','.join(args.extras)}")
     if args.kind == "detection" and args.target_layers and len(args.target_layers) != 1:
         raise CamserveError(f"a detector is explained at one target layer, got {len(args.target_layers)}: {args.target_layers}")
     model = load_model(args.model)

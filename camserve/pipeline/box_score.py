@@ -60,6 +60,11 @@ class Geometry:
     output_size: int
     transformed_size: tuple[int, int]
 
+    @property
+    def level_outputs(self) -> tuple[str, ...]:
+        """The detection graph's outputs holding the pooled levels, in :attr:`names` order."""
+        return tuple(f"level_{i}" for i in range(len(self.names)))
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -30,7 +30,7 @@ from camserve.cam import parallel
 from camserve.cam.projection import first_component
 from camserve.cam.scaling import EPS, combine_layers, minmax
 from camserve.errors import InputError, ManifestError
-from camserve.manifest import Manifest, sha256_file
+from camserve.manifest import Manifest
 from camserve.pipeline.box_score import EXTRA, BoxScore
 from camserve.pipeline.box_score import METHODS as BOX_METHODS
 from camserve.pipeline.params import Target
@@ -59,7 +59,7 @@ class DetectionSession:
 
     def __init__(self, directory: str | Path, *, providers: list[str] | None = None,
                  intra_op_threads: int | None = None, verify_hash: bool = True) -> None:
-        from camserve.pipeline.runtime import checked_graph, create_session, default_providers, session_options
+        from camserve.pipeline.runtime import checked_extra, checked_graph, create_session, default_providers, session_options
 
         self.directory = Path(directory)
         self.manifest = Manifest.load(self.directory)
@@ -74,9 +74,7 @@ class DetectionSession:
         self.box_score: BoxScore | None = None
         entry = self.manifest.extras.get(EXTRA)
         if entry is not None:
-            path = self.directory / entry.get("file", "")
-            if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-                raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+            checked_extra(self.directory, entry, verify_hash)
             self.box_score = BoxScore(self.directory, entry, self.options, self.providers)
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -103,7 +101,7 @@ class DetectionSession:
             acts.append(out["activations_0"])
             if self.box_score is not None:
                 rois.append(out["rois"].reshape(-1, 4))
-                levels.append([out[f"level_{i}"][0] for i in range(len(self.box_score.geometry.names))])
+                levels.append([out[name][0] for name in self.box_score.geometry.level_outputs])
         return Detections(boxes, scores, labels, np.concatenate(acts, axis=0),
                           rois if self.box_score is not None else None, levels if self.box_score is not None else None)
 
@@ -194,7 +192,7 @@ def explain(session: DetectionSession, images: np.ndarray, threshold: float, cla
         spent[METHOD] = time.perf_counter() - t0
     scored = [m for m in methods if m != METHOD] if maps else []
     if scored:
-        if session.box_score is None or det.rois is None or det.levels is None:
+        if session.box_score is None:
             raise InputError(f"methods {', '.join(scored)} need the export's {EXTRA} extra (camserve export --kind detection --extras {EXTRA})")
         box_cams = {m: [] for m in scored}
         spent.update({m: 0.0 for m in scored})

@@ -173,11 +173,7 @@ class GraphSession:
         #: first request should not pay for loading them.
         self.extras: dict[str, ort.InferenceSession] = {}
         for name, entry in self.manifest.extras.items():
-            path = self.directory / entry["file"]
-            if not path.is_file():
-                raise ManifestError(f"extra graph {path} named by the manifest does not exist")
-            if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
-                raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+            path = checked_extra(self.directory, entry, verify_hash)
             options = extra_session_options(intra_op_threads, entry.get("ort_level", "basic"),
                                             bool(entry.get("ort_prepacking", True)))
             self.extras[name] = create_session(path, options, self.providers)
@@ -356,6 +352,17 @@ def checked_graph(directory: Path, manifest: Manifest, verify_hash: bool) -> Pat
     if verify_hash and manifest.graph_sha256 and sha256_file(graph) != manifest.graph_sha256:
         raise ManifestError(f"graph file {graph} does not match the manifest's sha256 (corrupted or replaced)")
     return graph
+
+
+def checked_extra(directory: Path, entry: dict[str, Any], verify_hash: bool) -> Path:
+    """An extra graph's file (a manifest ``extras`` entry) in ``directory``, present and
+    (``verify_hash``) unchanged."""
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise ManifestError(f"extra graph {path} named by the manifest does not exist")
+    if verify_hash and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        raise ManifestError(f"extra graph {path} does not match the manifest's sha256 (corrupted or replaced)")
+    return path
 
 
 def open_session(directory: str | Path, **kwargs) -> GraphSession:
