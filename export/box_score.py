@@ -151,7 +151,7 @@ def check_route(heads: nn.Module, box_score: Any, levels: list[np.ndarray], rois
     "boxes": how many were compared}``."""
     names = list(box_score.geometry.names)
     rois, labels, expected = rois[:limit], labels[:limit], expected[:limit]
-    scores, level, grads = box_score.gradients(levels, rois, labels)
+    route = box_score.gradients(levels, rois, labels)
     leaves = {n: torch.from_numpy(np.ascontiguousarray(f[None])).requires_grad_(True) for n, f in zip(names, levels)}
     worst = {"scores": 0.0, "gradients": 0.0, "boxes": len(rois)}
     for m in range(len(rois)):
@@ -159,8 +159,9 @@ def check_route(heads: nn.Module, box_score: Any, levels: list[np.ndarray], rois
         score = torch.softmax(heads.box_predictor(heads.box_head(pooled))[0], -1)[0, int(labels[m])]
         truth = [g.numpy()[0] for g in torch.autograd.grad(score, list(leaves.values()))]
         scale = max(float(np.abs(t).max()) for t in truth) or 1.0
-        ours = [grads[m] if i == level[m] else np.zeros_like(t) for i, t in enumerate(truth)]
-        worst["scores"] = max(worst["scores"], abs(float(score.detach()) - float(scores[m])), abs(float(expected[m]) - float(scores[m])))
+        ours = [route.at(np.array([m]))[0] if i == route.level[m] else np.zeros_like(t) for i, t in enumerate(truth)]
+        ours_score = float(route.scores[m])
+        worst["scores"] = max(worst["scores"], abs(float(score.detach()) - ours_score), abs(float(expected[m]) - ours_score))
         worst["gradients"] = max(worst["gradients"], max(float(np.abs(o - t).max()) for o, t in zip(ours, truth)) / scale)
     return worst
 

@@ -123,6 +123,18 @@ def test_maps_match_pytorch_grad_cam_on_each_detections_score(fasterrcnn, method
     assert checked >= 2
 
 
+def test_maps_taken_in_chunks_are_the_same(fasterrcnn, monkeypatch):
+    """Boxes one at a time (the memory bound met at its smallest) give the maps of all at once."""
+    session = detection.DetectionSession(fasterrcnn[0], intra_op_threads=2)
+    image = _scene(9)
+    whole = detection.explain(session, image, threshold=0.0, topk=6, methods=("gradcam++", "hirescam"))
+    monkeypatch.setattr(box_score, "CHUNK_BYTES", 1)
+    single = detection.explain(session, image, threshold=0.0, topk=6, methods=("gradcam++", "hirescam"))
+    for method in ("gradcam++", "hirescam"):
+        assert whole.box_cams[method][0].shape == (6, SIZE, SIZE)
+        np.testing.assert_allclose(single.box_cams[method][0], whole.box_cams[method][0], rtol=0, atol=1e-6)
+
+
 def test_answer_has_one_explanation_per_detection_and_method(service):
     status, body = _ask(service, _scene(11), "methods=gradcam,eigencam,hirescam&target=top3&threshold=0.01&output=summary,png,overlay")
     assert status == 200, body

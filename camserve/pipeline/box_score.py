@@ -139,6 +139,29 @@ def to_level(grads: np.ndarray, ay: np.ndarray, ax: np.ndarray) -> np.ndarray:
     return np.einsum("mph,mcpq,mqw->mchw", ay, grads, ax, optimize=True)
 
 
+#: Bytes of level-sized arrays (each box's gradient, and its level's activations beside it)
+#: made at once: boxes are taken in chunks, so a detector with large levels and many boxes
+#: (fasterrcnn_resnet50_fpn: 256 x 200 x 200 floats per box at its finest level) stays bounded.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class BoxGradients:
+    """Each box's score and ``d score / d pooled`` ``[M, C, 7, 7]``, with its level and its
+    RoIAlign matrices: the gradient on the level, ``[C, h, w]`` per box, is made from these
+    only where a map needs it (:meth:`at`, :meth:`BoxScore.maps`)."""
+
+    scores: np.ndarray
+    level: np.ndarray
+    pooled: np.ndarray
+    mats: list[tuple[np.ndarray, np.ndarray]]
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """``d score / d level`` ``[len(rows), C, h, w]`` of boxes ``rows``, all on one level."""
+        ay, ax = self.mats[int(self.level[rows[0]])]
+        return to_level(self.pooled[rows], ay[rows], ax[rows])
+
+
 class BoxScore:
     """The ``boxscore`` extra of a detection export: its graph and the pooler's geometry."""
 
@@ -148,36 +171,31 @@ class BoxScore:
         self.geometry = Geometry.from_dict(entry.get("geometry") or {})
         self.session = create_session(Path(directory) / entry.get("file", GRAPH_FILE), options, providers)
 
-    def gradients(self, levels: list[np.ndarray], rois: np.ndarray, labels: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """``(scores [M], level [M], grads)`` of the boxes ``rois [M, 4]`` of classes ``labels``
-        on one image's ``levels``: each box's score and ``d score / d level`` on its level
-        (``grads[m]`` is ``[C, h, w]`` of level ``level[m]``)."""
+    def gradients(self, levels: list[np.ndarray], rois: np.ndarray, labels: np.ndarray) -> BoxGradients:
+        """The scores and gradients of the boxes ``rois [M, 4]`` of classes ``labels`` on one
+        image's ``levels`` (one run of the box head's graph)."""
         level, mats = roi_matrices(self.geometry, rois)
         if len(level) == 0:
-            return np.zeros(0, np.float32), level, []
+            empty = np.zeros((0, self.geometry.shapes[0][0], self.geometry.output_size, self.geometry.output_size), np.float32)
+            return BoxGradients(np.zeros(0, np.float32), level, empty, mats)
         scores, dpooled = self.session.run(None, {"pooled": pool(levels, mats), "labels": np.asarray(labels, np.int64)})
-        grads: list[np.ndarray] = [np.empty(0)] * len(level)
-        for i, (ay, ax) in enumerate(mats):
-            rows = np.flatnonzero(level == i)
-            if len(rows):
-                for row, g in zip(rows, to_level(dpooled[rows], ay[rows], ax[rows])):
-                    grads[row] = g
-        return scores, level, grads
+        return BoxGradients(scores, level, dpooled, mats)
 
-    def maps(self, method: str, levels: list[np.ndarray], level: np.ndarray, grads: list[np.ndarray],
-             size: tuple[int, int], eigen_smooth: bool = False) -> np.ndarray:
+    def maps(self, method: str, levels: list[np.ndarray], grads: BoxGradients, size: tuple[int, int],
+             eigen_smooth: bool = False) -> np.ndarray:
         """``method``'s maps ``[M, H, W]`` in [0, 1] at the input ``size``, one per box, from its
-        level's activations and its own gradients (boxes of one level in one batch)."""
+        level's activations and its own gradients (boxes of one level together, in chunks of
+        :data:`CHUNK_BYTES`)."""
         spec = get_method(method)
-        out = np.zeros((len(level), *size), dtype=np.float32)
+        out = np.zeros((len(grads.level), *size), dtype=np.float32)
         for i, acts in enumerate(levels):
-            rows = np.flatnonzero(level == i)
-            if not len(rows):
-                continue
-            a = np.broadcast_to(acts, (len(rows), *acts.shape))
-            raw = spec.function(np.ascontiguousarray(a), np.stack([grads[r] for r in rows]), eigen_smooth)
-            out[rows] = self._to_input(minmax(np.maximum(raw, 0)), self.geometry.scales[i], size)
+            on = np.flatnonzero(grads.level == i)
+            step = max(1, CHUNK_BYTES // max(1, acts.nbytes))
+            for start in range(0, len(on), step):
+                rows = on[start : start + step]
+                a = np.ascontiguousarray(np.broadcast_to(acts, (len(rows), *acts.shape)))
+                raw = spec.function(a, grads.at(rows), eigen_smooth)
+                out[rows] = self._to_input(minmax(np.maximum(raw, 0)), self.geometry.scales[i], size)
         return minmax(out)
 
     def _to_input(self, maps: np.ndarray, scale: float, size: tuple[int, int]) -> np.ndarray:

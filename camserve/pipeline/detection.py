@@ -198,11 +198,11 @@ def explain(session: DetectionSession, images: np.ndarray, threshold: float, cla
         spent.update({m: 0.0 for m in scored})
         for i, k in enumerate(kept):
             t0 = time.perf_counter()
-            _, level, grads = session.box_score.gradients(det.levels[i], det.rois[i][k], det.labels[i][k])
+            grads = session.box_score.gradients(det.levels[i], det.rois[i][k], det.labels[i][k])
             shared = (time.perf_counter() - t0) / len(scored)
             for m in scored:
                 t0 = time.perf_counter()
-                box_cams[m].append(session.box_score.maps(m, det.levels[i], level, grads, size, eigen_smooth))
+                box_cams[m].append(session.box_score.maps(m, det.levels[i], grads, size, eigen_smooth))
                 spent[m] += shared + time.perf_counter() - t0
     timings = {"inference": inference, "cam": time.perf_counter() - start - inference}
     return Explained(det, kept, cams, timings, box_cams, spent)
