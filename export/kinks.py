@@ -34,10 +34,13 @@ from torch import nn
 Probe = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def graph_relus(graph: Path) -> Probe:
+def graph_relus(graph: Path, options: Any = None) -> Probe:
     """A probe over ``graph``: feeds -> the inputs of its ``Relu`` nodes, in node order (the
     traced graph's nodes are in execution order). A second session, loaded only when the
-    parity check needs it."""
+    parity check needs it; ``options`` (``onnxruntime.SessionOptions``): those of the session
+    whose decisions are wanted, as the optimization level can move a unit across the kink
+    (vgg16's ``fullgrad.onnx``: one unit at 3e-10 of its layer's scale decided one way at
+    ``basic`` and the other at ``all``)."""
     import onnx
     import onnxruntime as ort
 
@@ -46,7 +49,7 @@ def graph_relus(graph: Path) -> Probe:
     known = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in names if n not in known)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del proto
     return lambda feeds: session.run(names, feeds) if names else []
 
