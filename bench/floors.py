@@ -37,12 +37,14 @@ class Layer:
     macs: int
 
 
-def layer_macs(model, example) -> list[Layer]:
-    """Every Conv2d / Linear call of one forward with its multiply-adds (valid taps only)."""
+def layer_macs(model, example, layer: str | None = None) -> tuple[list[Layer], int]:
+    """Every Conv2d / Linear call of one forward with its multiply-adds (valid taps only), and
+    how many of them had run when ``layer``'s forward ended (0 for ``None``: the input)."""
     import torch
     from torch import nn
 
     found: list[Layer] = []
+    mark = {"at": 0}
 
     def hook(name):
         def record(module, inputs, output):
@@ -59,38 +61,21 @@ def layer_macs(model, example) -> list[Layer]:
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if layer is not None:  # registered last: runs after the layer's own Conv2d hook, if it is one
+        handles.append(model.get_submodule(layer).register_forward_hook(lambda *_: mark.__setitem__("at", len(found))))
     try:
         with torch.no_grad():
             model(example)
     finally:
         for h in handles:
             h.remove()
-    return found
-
-
-def order_of(model, example, layer: str) -> int:
-    """How many Conv2d / Linear calls ran before ``layer``'s forward ended (None: the input)."""
-    import torch
-    from torch import nn
-
-    seen = {"count": 0, "at": None}
-    counters = [m.register_forward_hook(lambda *_: seen.__setitem__("count", seen["count"] + 1))
-                for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    mark = model.get_submodule(layer).register_forward_hook(lambda *_: seen.__setitem__("at", seen["count"]))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in [*counters, mark]:
-            h.remove()
-    return seen["at"]
+    return found, mark["at"]
 
 
 def floor(model, example, layer: str | None) -> tuple[float, int, int]:
     """(floor ratio, forward MACs, backward MACs) for a backward from the output to ``layer``
     (``None``: to the input, as FullGrad and Guided Backprop need)."""
-    layers = layer_macs(model, example)
-    start = 0 if layer is None else order_of(model, example, layer)
+    layers, start = layer_macs(model, example, layer)
     forward = sum(item.macs for item in layers)
     backward = sum(item.macs for item in layers if item.order >= start)
     return (forward + backward) / forward, forward, backward

@@ -39,7 +39,7 @@ def test_padding_taps_do_not_count():
 def test_layer_macs_of_a_conv_equal_the_nonzero_products_of_its_forward():
     conv = nn.Conv2d(2, 5, 3, padding=2, dilation=2, groups=1, bias=False)
     x = torch.ones(1, 2, 6, 6)
-    [layer] = floors.layer_macs(conv, x)
+    [layer] = floors.layer_macs(conv, x)[0]
     # with every input and weight 1, each output sums the products of the taps that read the
     # input: the output's total is the number of multiply-adds
     with torch.no_grad():
@@ -63,8 +63,15 @@ def test_the_floor_counts_the_layers_after_the_target():
     stem = floors.valid_taps(8, 8, 3, 1, 1, 1) ** 2 * 3 * 8
     body, head = 64 * 8 * 8, 8 * 4
     forward = stem + body + head
-    assert [m.macs for m in floors.layer_macs(net, x)] == [stem, body, head]
+    assert [m.macs for m in floors.layer_macs(net, x)[0]] == [stem, body, head]
     assert floors.floor(net, x, "body") == pytest.approx(((forward + head) / forward, forward, head))
     assert floors.floor(net, x, "stem") == pytest.approx(((forward + body + head) / forward, forward, body + head))
     assert floors.floor(net, x, None) == pytest.approx((2.0, forward, forward))
     assert np.isclose(floors.floor(net, x, "body.1")[0], (forward + head) / forward)
+
+
+def test_a_conv_target_counts_from_after_its_own_forward():
+    net, x = Net().eval(), torch.zeros(1, 3, 8, 8)
+    assert floors.layer_macs(net, x, "stem")[1] == 1
+    assert floors.layer_macs(net, x, "body.0")[1] == 2
+    assert floors.layer_macs(net, x, None)[1] == 0
